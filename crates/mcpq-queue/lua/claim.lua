@@ -1,0 +1,78 @@
+-- claim: moves up to N ready tasks to running under a lease, highest priority first, FIFO
+-- within a priority; with aging, a task's rank is created_ms - priority * aging_ms.
+-- KEYS[1]: tasks hash   KEYS[2]: ready list prefix   KEYS[3]: prios zset
+-- KEYS[4]: leases zset   KEYS[5]: events stream   KEYS[6]: meta hash
+-- ARGV[1]: events max length   ARGV[2]: max tasks   ARGV[3]: lease (ms)
+-- ARGV[4]: aging (ms per priority step; 0 = strict priority)   ARGV[5]: max priority levels read
+-- Returns: {} when paused or empty; else {now_ms, deadline_ms, id1, record1, id2, record2, ...}
+--          with each record as rewritten (running, attempt + 1, claims + 1 = its fencing token)
+-- Errors: none of its own
+if redis.call('HGET', KEYS[6], 'paused') == '1' then return {} end
+local want, aging = tonumber(ARGV[2]), tonumber(ARGV[4])
+local levels = redis.call('ZRANGE', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+local ids = {}
+if aging == 0 then
+  for _, p in ipairs(levels) do
+    local ask = want - #ids
+    local got = redis.call('LPOP', KEYS[2] .. p, ask)
+    if got then for _, id in ipairs(got) do ids[#ids + 1] = id end end
+    if not got or #got < ask then redis.call('ZREM', KEYS[3], p) end
+    if #ids >= want then break end
+  end
+else
+  -- k-way merge of the list heads; a UUIDv7 id starts with its creation time in ms
+  local cands, pos = {}, {}
+  for li, p in ipairs(levels) do
+    cands[li] = redis.call('LRANGE', KEYS[2] .. p, 0, want - 1)
+    pos[li] = 1
+  end
+  while #ids < want do
+    local best, best_rank
+    for li, p in ipairs(levels) do
+      local id = cands[li][pos[li]]
+      if id then
+        local rank = struct.unpack('>I6', id) - tonumber(p) * aging
+        if not best or rank < best_rank then best, best_rank = li, rank end
+      end
+    end
+    if not best then break end
+    ids[#ids + 1] = cands[best][pos[best]]
+    pos[best] = pos[best] + 1
+  end
+  for li, p in ipairs(levels) do
+    local taken = pos[li] - 1
+    if taken > 0 then
+      local key = KEYS[2] .. p
+      redis.call('LTRIM', key, taken, -1)
+      if taken == #cands[li] and (taken < want or redis.call('LLEN', key) == 0) then
+        redis.call('ZREM', KEYS[3], p)
+      end
+    end
+  end
+end
+if #ids == 0 then return {} end
+local now = now_ms()
+local deadline = now + tonumber(ARGV[3])
+local recs = redis.call('HMGET', KEYS[1], unpack(ids))
+local out, fields, leases = {now, deadline}, {}, {}
+for i, id in ipairs(ids) do
+  local raw = recs[i]
+  -- a listed id always has a record; skipping a missing one keeps the batch going
+  if raw then
+    local r = unpack_record(raw)
+    r.state, r.attempt, r.claims, r.started = RUNNING, r.attempt + 1, r.claims + 1, now
+    local rec = pack_record(r)
+    fields[#fields + 1] = id
+    fields[#fields + 1] = rec
+    leases[#leases + 1] = deadline
+    leases[#leases + 1] = id
+    out[#out + 1] = id
+    out[#out + 1] = rec
+    emit(KEYS[5], ARGV[1], 'run', id, 'a', r.attempt)
+  end
+end
+if #fields > 0 then
+  redis.call('HSET', KEYS[1], unpack(fields))
+  redis.call('ZADD', KEYS[4], unpack(leases))
+end
+return out

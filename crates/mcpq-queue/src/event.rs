@@ -1,0 +1,169 @@
+//! Events: one per task state transition, appended to the queue's stream in the same atomic
+//! step as the transition. An event's id is its stream id, so a subscriber resumes after the
+//! last id it saw and misses nothing still retained.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InvalidInput;
+use crate::task::{QueueName, TaskId};
+
+/// The position of an event in its queue's stream (`<ms>-<seq>`), ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    /// Store time of the append, in ms.
+    pub ms: u64,
+    /// Sequence within that millisecond.
+    pub seq: u64,
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = InvalidInput;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || InvalidInput::new("event_id", "must look like <ms>-<seq>, e.g. 1700000000000-0");
+        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(Self { ms: ms.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest retained event.
+    Beginning,
+    /// Only events appended after the subscription starts.
+    Now,
+    /// The events after this one (resuming).
+    After(EventId),
+}
+
+macro_rules! event_kinds {
+    ($($variant:ident = $code:literal, $name:literal, $doc:literal;)*) => {
+        /// What happened. The wire name (`task.succeeded`) is the SSE event name.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum EventKind {
+            $(#[doc = $doc] $variant,)*
+        }
+
+        impl EventKind {
+            /// Every kind.
+            pub const ALL: &[EventKind] = &[$(EventKind::$variant,)*];
+
+            /// The public name, e.g. `task.succeeded`.
+            pub fn as_str(self) -> &'static str {
+                match self { $(EventKind::$variant => $name,)* }
+            }
+
+            /// The short code the stream stores.
+            #[cfg(test)]
+            pub(crate) fn code(self) -> &'static str {
+                match self { $(EventKind::$variant => $code,)* }
+            }
+
+            pub(crate) fn from_code(code: &[u8]) -> Option<Self> {
+                match code { $(c if c == $code.as_bytes() => Some(EventKind::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+event_kinds! {
+    TaskEnqueued = "enq", "task.enqueued", "A task was stored (queued, or scheduled when delayed).";
+    TaskStarted = "run", "task.started", "A dispatcher claimed the task for an attempt.";
+    TaskSucceeded = "ok", "task.succeeded", "The call returned a result.";
+    TaskFailed = "fail", "task.failed", "The task failed for good.";
+    TaskRetrying = "retry", "task.retrying", "An attempt failed; another will follow.";
+    TaskDead = "dead", "task.dead", "Every attempt failed.";
+    TaskReview = "review", "task.review", "An attempt's outcome is unknown; the task waits for a person.";
+    TaskCancelled = "cancel", "task.cancelled", "The task was cancelled.";
+    TaskReleased = "release", "task.released", "A dispatcher handed the task back without spending an attempt.";
+    TaskPromoted = "promote", "task.promoted", "A scheduled task's time came; it is queued.";
+    TaskRetried = "retried", "task.retried", "A person sent a finished task back to the queue.";
+    ServerDegraded = "sdeg", "server.degraded", "A server failed health checks and is degraded.";
+    ServerOffline = "soff", "server.offline", "A server is offline; its tasks were redistributed.";
+    ServerRecovered = "srec", "server.recovered", "A server answers again.";
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// One transition.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    /// Its position in the queue's stream.
+    pub id: EventId,
+    /// The queue it happened in.
+    pub queue: QueueName,
+    /// What happened.
+    pub kind: EventKind,
+    /// The task it concerns, for task events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskId>,
+    /// The attempt number, where one applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u16>,
+    /// The server involved, where one applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// The error or reason, where one applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_parse_order_and_print() {
+        let a: EventId = "1700000000000-0".parse().unwrap();
+        let b: EventId = "1700000000000-12".parse().unwrap();
+        assert!(a < b);
+        assert_eq!(b.to_string(), "1700000000000-12");
+        for bad in ["", "17", "a-b", "1-", "-1", "1-2-3"] {
+            assert_eq!(bad.parse::<EventId>().unwrap_err().field, "event_id", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn kind_codes_are_distinct_and_round_trip() {
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::from_code(k.code().as_bytes()), Some(*k));
+        }
+        let mut names: Vec<_> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), EventKind::ALL.len());
+    }
+}

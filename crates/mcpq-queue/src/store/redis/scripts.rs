@@ -1,0 +1,356 @@
+//! The Lua scripts, loaded once, and the one typed wrapper that calls each. Every script is
+//! `lua/prelude.lua` followed by its own file; their headers document KEYS, ARGV and replies.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use redis::{Script, ScriptInvocation, Value};
+
+use super::Keys;
+use crate::config::QueueConfig;
+use crate::error::{Error, Result};
+use crate::record::flags;
+use crate::store::{
+    ClaimToken, Completion, Disposition, Enqueued, Failure, QueueStats, Release, Settled,
+};
+use crate::task::{EncodedTask, TaskId, TaskState};
+
+macro_rules! script {
+    ($name:ident, $file:literal) => {
+        static $name: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("../../../lua/prelude.lua"),
+                include_str!(concat!("../../../lua/", $file))
+            ))
+        });
+    };
+}
+
+script!(ENQUEUE, "enqueue.lua");
+script!(CLAIM, "claim.lua");
+script!(RENEW, "renew.lua");
+script!(COMPLETE, "complete.lua");
+script!(FAIL, "fail.lua");
+script!(RELEASE, "release.lua");
+script!(CANCEL, "cancel.lua");
+script!(RETRY, "retry.lua");
+script!(PROMOTE_DUE, "promote_due.lua");
+script!(REAP_EXPIRED, "reap_expired.lua");
+script!(TRIM, "trim.lua");
+script!(STATS, "stats.lua");
+
+/// Most levels of priority a claim looks at.
+const MAX_PRIORITY_LEVELS: usize = 64;
+
+fn corrupt(what: &str, v: &Value) -> Error {
+    Error::Corrupt(format!("unexpected {what} reply: {v:?}"))
+}
+
+fn array(v: Value, what: &str) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(a) => Ok(a),
+        other => Err(corrupt(what, &other)),
+    }
+}
+
+fn int(v: &Value, what: &str) -> Result<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        other => Err(corrupt(what, other)),
+    }
+}
+
+fn task_id(v: &Value, what: &str) -> Result<TaskId> {
+    match v {
+        Value::BulkString(b) => TaskId::from_slice(b).ok_or_else(|| corrupt(what, v)),
+        other => Err(corrupt(what, other)),
+    }
+}
+
+/// Reads `{code, state}` pairs.
+fn pairs(v: Value, what: &str) -> Result<Vec<(i64, Value)>> {
+    array(v, what)?
+        .into_iter()
+        .map(|p| {
+            let mut p = array(p, what)?.into_iter();
+            match (p.next(), p.next()) {
+                (Some(code), Some(second)) => Ok((int(&code, what)?, second)),
+                _ => Err(Error::Corrupt(format!("short {what} reply"))),
+            }
+        })
+        .collect()
+}
+
+fn state(code: i64, what: &str) -> Result<TaskState> {
+    u8::try_from(code)
+        .ok()
+        .and_then(TaskState::from_code)
+        .ok_or_else(|| Error::Corrupt(format!("{what}: unknown state code {code}")))
+}
+
+fn settled(v: Value, what: &str) -> Result<Vec<Settled>> {
+    pairs(v, what)?
+        .into_iter()
+        .map(|(applied, st)| {
+            let code = int(&st, what)?;
+            Ok(match (applied, code) {
+                (1, c) => Settled::Applied(state(c, what)?),
+                (_, 0) => Settled::Rejected(None),
+                (_, c) => Settled::Rejected(Some(state(c, what)?)),
+            })
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn run<C: ConnectionLike>(inv: &ScriptInvocation<'_>, conn: &mut C) -> Result<Value> {
+    Ok(inv.invoke_async(conn).await?)
+}
+
+pub(super) async fn enqueue<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    tasks: &[EncodedTask<'_>],
+) -> Result<Vec<Enqueued>> {
+    let mut inv = ENQUEUE.prepare_invoke();
+    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.events);
+    inv.arg(cfg.events_max).arg(cfg.idempotency_ttl_ms).arg(tasks.len());
+    let mut next_key = 6;
+    for t in tasks {
+        let key_index = match &t.task.idempotency_key {
+            Some(key) => {
+                inv.key(k.idempotency(key));
+                next_key += 1;
+                next_key - 1
+            }
+            None => 0,
+        };
+        inv.arg(t.id.as_bytes().as_slice())
+            .arg(t.priority)
+            .arg(t.task.max_attempts)
+            .arg(flags(t.task.idempotent))
+            .arg(t.delay_ms)
+            .arg(key_index)
+            .arg(t.spec.as_slice());
+    }
+    pairs(run(&inv, conn).await?, "enqueue")?
+        .into_iter()
+        .map(|(code, id)| {
+            let id = task_id(&id, "enqueue")?;
+            Ok(match code {
+                0 => Enqueued::Created(id),
+                1 => Enqueued::Existing(id),
+                _ => Enqueued::Conflict(id),
+            })
+        })
+        .collect()
+}
+
+/// A claimed batch: store time, lease deadline, and (id, record) per task.
+pub(super) struct ClaimReply {
+    pub(super) deadline_ms: u64,
+    pub(super) tasks: Vec<(TaskId, Vec<u8>)>,
+}
+
+pub(super) async fn claim<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    max: usize,
+    lease: Duration,
+) -> Result<ClaimReply> {
+    let mut inv = CLAIM.prepare_invoke();
+    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.leases).key(&k.events).key(&k.meta);
+    inv.arg(cfg.events_max).arg(max).arg(ms(lease)).arg(cfg.aging_ms).arg(MAX_PRIORITY_LEVELS);
+    let reply = array(run(&inv, conn).await?, "claim")?;
+    if reply.is_empty() {
+        return Ok(ClaimReply { deadline_ms: 0, tasks: Vec::new() });
+    }
+    let deadline_ms = reply.get(1).map(|v| int(v, "claim")).transpose()?.unwrap_or(0) as u64;
+    let mut tasks = Vec::with_capacity(reply.len() / 2);
+    let mut it = reply.into_iter().skip(2);
+    while let (Some(id), Some(rec)) = (it.next(), it.next()) {
+        let id = task_id(&id, "claim")?;
+        match rec {
+            Value::BulkString(b) => tasks.push((id, b)),
+            other => return Err(corrupt("claim", &other)),
+        }
+    }
+    Ok(ClaimReply { deadline_ms, tasks })
+}
+
+pub(super) async fn renew<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    leases: &[(TaskId, ClaimToken)],
+    lease: Duration,
+) -> Result<Vec<bool>> {
+    let mut inv = RENEW.prepare_invoke();
+    inv.key(&k.tasks).key(&k.leases).arg(ms(lease)).arg(leases.len());
+    for (id, token) in leases {
+        inv.arg(id.as_bytes().as_slice()).arg(token.0);
+    }
+    let reply = array(run(&inv, conn).await?, "renew")?;
+    reply.iter().skip(1).map(|v| Ok(int(v, "renew")? == 1)).collect()
+}
+
+pub(super) async fn complete<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    items: &[Completion],
+) -> Result<Vec<Settled>> {
+    let mut inv = COMPLETE.prepare_invoke();
+    inv.key(&k.tasks).key(&k.leases).key(&k.succeeded).key(&k.events);
+    inv.arg(cfg.events_max).arg(items.len());
+    for c in items {
+        let result = rmp_serde::to_vec_named(&c.result)
+            .map_err(|e| Error::Invalid(crate::InvalidInput::new("result", e.to_string())))?;
+        inv.arg(c.id.as_bytes().as_slice()).arg(c.token.0).arg(&c.server).arg(result);
+    }
+    settled(run(&inv, conn).await?, "complete")
+}
+
+pub(super) async fn fail<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    items: &[Failure],
+) -> Result<Vec<Settled>> {
+    let mut inv = FAIL.prepare_invoke();
+    inv.key(&k.tasks).key(&k.leases).key(&k.ready).key(&k.prios).key(&k.scheduled);
+    inv.key(&k.failed).key(&k.dead).key(&k.review).key(&k.events);
+    inv.arg(cfg.events_max).arg(items.len());
+    for f in items {
+        let (disposition, delay) = match f.disposition {
+            Disposition::Retry { delay } => ("retry", ms(delay)),
+            Disposition::Fatal => ("fatal", 0),
+            Disposition::Review => ("review", 0),
+        };
+        inv.arg(f.id.as_bytes().as_slice()).arg(f.token.0).arg(&f.server).arg(&f.error);
+        inv.arg(disposition).arg(delay);
+    }
+    settled(run(&inv, conn).await?, "fail")
+}
+
+pub(super) async fn release<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    items: &[Release],
+) -> Result<Vec<Settled>> {
+    let mut inv = RELEASE.prepare_invoke();
+    inv.key(&k.tasks).key(&k.leases).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.events);
+    inv.arg(cfg.events_max).arg(items.len());
+    for r in items {
+        inv.arg(r.id.as_bytes().as_slice()).arg(r.token.0).arg(ms(r.delay)).arg(&r.reason);
+    }
+    settled(run(&inv, conn).await?, "release")
+}
+
+/// `(code, state)`: code 1 done, 0 refused in `state`, -1 no such task.
+pub(super) async fn cancel<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    id: TaskId,
+) -> Result<(i64, Option<TaskState>)> {
+    let mut inv = CANCEL.prepare_invoke();
+    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.leases);
+    inv.key(&k.review).key(&k.cancelled).key(&k.events);
+    inv.arg(cfg.events_max).arg(id.as_bytes().as_slice());
+    one_pair(run(&inv, conn).await?, "cancel")
+}
+
+/// `(code, state)`: code 1 done, 0 refused in `state`, -1 no such task.
+pub(super) async fn retry<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    id: TaskId,
+) -> Result<(i64, Option<TaskState>)> {
+    let mut inv = RETRY.prepare_invoke();
+    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.review).key(&k.dead);
+    inv.key(&k.failed).key(&k.cancelled).key(&k.events);
+    inv.arg(cfg.events_max).arg(id.as_bytes().as_slice());
+    one_pair(run(&inv, conn).await?, "retry")
+}
+
+fn one_pair(v: Value, what: &str) -> Result<(i64, Option<TaskState>)> {
+    let p = array(v, what)?;
+    match p.as_slice() {
+        [code, st] => {
+            let code = int(code, what)?;
+            let st = int(st, what)?;
+            Ok((code, if st == 0 { None } else { Some(state(st, what)?) }))
+        }
+        _ => Err(Error::Corrupt(format!("short {what} reply"))),
+    }
+}
+
+pub(super) async fn promote_due<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    max: usize,
+) -> Result<u64> {
+    let mut inv = PROMOTE_DUE.prepare_invoke();
+    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.events);
+    inv.arg(cfg.events_max).arg(max);
+    Ok(int(&run(&inv, conn).await?, "promote_due")? as u64)
+}
+
+pub(super) async fn reap_expired<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+    max: usize,
+) -> Result<u64> {
+    let mut inv = REAP_EXPIRED.prepare_invoke();
+    inv.key(&k.tasks).key(&k.leases).key(&k.ready).key(&k.prios).key(&k.dead).key(&k.review);
+    inv.key(&k.events).arg(cfg.events_max).arg(max);
+    Ok(int(&run(&inv, conn).await?, "reap_expired")? as u64)
+}
+
+/// Most finished tasks one trim call forgets per state.
+const TRIM_BATCH: usize = 1000;
+
+pub(super) async fn trim<C: ConnectionLike>(
+    conn: &mut C,
+    k: &Keys,
+    cfg: &QueueConfig,
+) -> Result<u64> {
+    let mut inv = TRIM.prepare_invoke();
+    inv.key(&k.tasks).key(&k.succeeded).key(&k.failed).key(&k.cancelled).key(&k.dead);
+    inv.arg(cfg.keep_finished).arg(cfg.finished_ttl_ms).arg(TRIM_BATCH);
+    Ok(int(&run(&inv, conn).await?, "trim")? as u64)
+}
+
+pub(super) async fn stats<C: ConnectionLike>(conn: &mut C, k: &Keys) -> Result<QueueStats> {
+    let mut inv = STATS.prepare_invoke();
+    inv.key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.leases).key(&k.review);
+    inv.key(&k.succeeded).key(&k.failed).key(&k.dead).key(&k.cancelled).key(&k.meta);
+    let v = array(run(&inv, conn).await?, "stats")?;
+    let n: Vec<u64> = v.iter().map(|x| int(x, "stats").map(|i| i as u64)).collect::<Result<_>>()?;
+    match n.as_slice() {
+        &[queued, scheduled, running, review, succeeded, failed, dead, cancelled, paused] => {
+            Ok(QueueStats {
+                queued,
+                scheduled,
+                running,
+                review,
+                succeeded,
+                failed,
+                dead,
+                cancelled,
+                paused: paused == 1,
+            })
+        }
+        _ => Err(Error::Corrupt("short stats reply".into())),
+    }
+}

@@ -1,0 +1,125 @@
+//! Support for mcpq's end-to-end tests: real `redis-server` processes, one per test, on a unix
+//! socket in a temporary directory, killed when dropped (their log is printed if the test
+//! failed), and a polling helper for conditions that become true later.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, RedisStore, StoreConfig};
+
+/// A redis-server owned by one test.
+pub struct RedisServer {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts a fresh, empty server (no persistence) and waits until it answers.
+    pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (e.g. `["--appendonly", "yes"]`).
+    pub fn start_with(extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("redis.sock");
+        let log = dir.path().join("redis.log");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocketperm", "700"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context(
+                "cannot start redis-server: install it (apt-get install -y redis-server) \
+                 and make sure it is on PATH",
+            )?;
+        let server = Self { child, dir, socket };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = redis::Client::open(self.url())?;
+        loop {
+            if let Ok(mut c) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server did not answer within 10 s; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket.display())
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// A plain synchronous connection for inspecting keys, `INFO` and the like.
+    pub fn raw(&self) -> Result<redis::Connection> {
+        Ok(redis::Client::open(self.url())?.get_connection()?)
+    }
+
+    /// A store on this server with the given per-queue configurations.
+    pub async fn store(&self, queues: &[(&str, QueueConfig)]) -> Result<RedisStore> {
+        let cfg = StoreConfig { redis_url: Some(self.url()), ..Default::default() };
+        let named = queues
+            .iter()
+            .map(|(n, c)| Ok((QueueName::new(*n)?, c.clone())))
+            .collect::<Result<_>>()?;
+        Ok(RedisStore::open(&cfg, QueueConfigs::new(named)).await?)
+    }
+
+    /// Stops the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- redis-server log ({}) ---\n{}", self.socket.display(), self.log());
+        }
+        self.kill();
+    }
+}
+
+/// Polls `check` every few milliseconds until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: not true within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
