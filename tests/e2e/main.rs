@@ -2,3 +2,4 @@
 
 mod store_conformance;
 mod store_input;
+mod store_model;

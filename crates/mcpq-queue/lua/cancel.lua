@@ -8,7 +8,7 @@
 local id = ARGV[2]
 local raw = redis.call('HGET', KEYS[1], id)
 if not raw then return {-1, 0} end
-local r = unpack_record(raw)
+local r = head(raw)
 local was = r.state
 if was == QUEUED then
   remove_ready(KEYS[2], KEYS[3], r.priority, id)
@@ -23,7 +23,9 @@ else
 end
 local now = now_ms()
 r.state, r.finished = CANCELLED, now
-redis.call('HSET', KEYS[1], id, pack_record(r))
+redis.call('HSET', KEYS[1], id, repack(r))
 redis.call('ZADD', KEYS[7], now, id)
-emit(KEYS[8], ARGV[1], 'cancel', id)
+local ev = events(KEYS[8], ARGV[1])
+ev.add('cancel', id)
+ev.flush()
 return {1, was}

@@ -54,25 +54,27 @@ if #ids == 0 then return {} end
 local now = now_ms()
 local deadline = now + tonumber(ARGV[3])
 local recs = redis.call('HMGET', KEYS[1], unpack(ids))
+local ev = events(KEYS[5], ARGV[1])
 local out, fields, leases = {now, deadline}, {}, {}
 for i, id in ipairs(ids) do
   local raw = recs[i]
   -- a listed id always has a record; skipping a missing one keeps the batch going
   if raw then
-    local r = unpack_record(raw)
-    r.state, r.attempt, r.claims, r.started = RUNNING, r.attempt + 1, r.claims + 1, now
-    local rec = pack_record(r)
+    local _, _, flags, priority, attempt, max_attempts, claims, _, finished = struct.unpack(HEAD, raw)
+    local rec = struct.pack(KEEP_REST, 1, RUNNING, flags, priority, attempt + 1, max_attempts,
+      claims + 1, now, finished, string.sub(raw, HEAD_LEN + 1))
     fields[#fields + 1] = id
     fields[#fields + 1] = rec
     leases[#leases + 1] = deadline
     leases[#leases + 1] = id
     out[#out + 1] = id
     out[#out + 1] = rec
-    emit(KEYS[5], ARGV[1], 'run', id, 'a', r.attempt)
+    ev.add('run', id, attempt + 1)
   end
 end
 if #fields > 0 then
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('ZADD', KEYS[4], unpack(leases))
+  ev.flush()
 end
 return out

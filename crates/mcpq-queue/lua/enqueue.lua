@@ -5,14 +5,16 @@
 -- ARGV[1]: events max length   ARGV[2]: idempotency key ttl (ms)   ARGV[3]: task count n
 -- ARGV[4..]: per task 7 values: id (16 bytes), priority, max_attempts, flags, delay_ms,
 --            index into KEYS of its idempotency key (0 = none), spec
--- Returns: per task {code, id}: 0 created; 1 already there (same id, or same idempotency key
---          and body: id is the existing task); 2 conflict (key held by another body: its id)
+-- Returns: per task two values, code and id: 0 created; 1 already there (same id, or same
+--          idempotency key and body: id is the existing task); 2 conflict (key held by another
+--          body: id is the holder)
 -- Errors: none of its own; a failed command aborts the script with nothing written
 local n = tonumber(ARGV[3])
 local ids = {}
 for i = 0, n - 1 do ids[i + 1] = ARGV[4 + i * 7] end
 local present = redis.call('HMGET', KEYS[1], unpack(ids))
 local add, flush = by_priority()
+local ev = events(KEYS[5], ARGV[1])
 local fields, sched, seen, out = {}, {}, {}, {}
 local now
 for i = 0, n - 1 do
@@ -44,13 +46,13 @@ for i = 0, n - 1 do
       add(priority, id)
     end
     fields[#fields + 1] = id
-    fields[#fields + 1] = struct.pack(HDR, 1, state, tonumber(ARGV[b + 3]), priority, 0,
-      tonumber(ARGV[b + 2]), 0, 0, 0, #spec) .. spec
-    emit(KEYS[5], ARGV[1], 'enq', id)
+    fields[#fields + 1] = new_record(state, tonumber(ARGV[b + 3]), priority, tonumber(ARGV[b + 2]), spec)
+    ev.add('enq', id)
   end
-  out[i + 1] = {code, holder}
+  out[2 * i + 1], out[2 * i + 2] = code, holder
 end
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 if #sched > 0 then redis.call('ZADD', KEYS[4], unpack(sched)) end
 flush(KEYS[2], KEYS[3], false)
+ev.flush()
 return out

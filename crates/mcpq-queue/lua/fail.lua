@@ -6,22 +6,26 @@
 -- KEYS[9]: events stream
 -- ARGV[1]: events max length   ARGV[2]: item count n
 -- ARGV[3..]: per item 6 values: id, token, server, error, disposition (retry|fatal|review), delay_ms
--- Returns: per item {applied 1|0, state code after the call (0 = no such task)}
+-- Returns: per item two values: applied 1|0, state code after the call (0 = no such task)
 -- Errors: none of its own
 local n = tonumber(ARGV[2])
 local ids = {}
 for i = 0, n - 1 do ids[i + 1] = ARGV[3 + i * 6] end
 local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local now = now_ms()
+local fence, settle = fencer()
 local add, flush = by_priority()
+local ev = events(KEYS[9], ARGV[1])
 local out, fields, applied = {}, {}, {}
 for i = 0, n - 1 do
   local b = 3 + i * 6
   local id, server, err, disp, delay = ARGV[b], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5])
-  local r, cur = fenced(recs[i + 1], ARGV[b + 1])
-  if r then
-    r.server, r.error = server, err
+  local ok, current = fence(id, recs[i + 1], ARGV[b + 1])
+  if ok then
+    local r = head(recs[i + 1])
+    local kind
     if disp == 'retry' and r.attempt < r.max_attempts then
+      kind = 'retry'
       if delay > 0 then
         r.state = SCHEDULED
         redis.call('ZADD', KEYS[5], now + delay, id)
@@ -29,34 +33,31 @@ for i = 0, n - 1 do
         r.state = QUEUED
         add(r.priority, id)
       end
-      emit(KEYS[9], ARGV[1], 'retry', id, 'a', r.attempt, 's', server, 'e', err)
     elseif disp == 'review' then
-      r.state = REVIEW
+      kind, r.state = 'review', REVIEW
       redis.call('ZADD', KEYS[8], now, id)
-      emit(KEYS[9], ARGV[1], 'review', id, 'a', r.attempt, 's', server, 'e', err)
+    elseif disp == 'retry' then
+      kind, r.state, r.finished = 'dead', DEAD, now
+      redis.call('ZADD', KEYS[7], now, id)
     else
-      r.finished = now
-      if disp == 'retry' then
-        r.state = DEAD
-        redis.call('ZADD', KEYS[7], now, id)
-        emit(KEYS[9], ARGV[1], 'dead', id, 'a', r.attempt, 's', server, 'e', err)
-      else
-        r.state = FAILED
-        redis.call('ZADD', KEYS[6], now, id)
-        emit(KEYS[9], ARGV[1], 'fail', id, 'a', r.attempt, 's', server, 'e', err)
-      end
+      kind, r.state, r.finished = 'fail', FAILED, now
+      redis.call('ZADD', KEYS[6], now, id)
     end
+    local _, _, result = tail_of(r)
     fields[#fields + 1] = id
-    fields[#fields + 1] = pack_record(r)
+    fields[#fields + 1] = repack(r, server, err, result)
     applied[#applied + 1] = id
-    out[i + 1] = {1, r.state}
+    settle(id, r.state)
+    ev.add(kind, id, r.attempt, server, err)
+    out[2 * i + 1], out[2 * i + 2] = 1, r.state
   else
-    out[i + 1] = {0, cur and cur.state or 0}
+    out[2 * i + 1], out[2 * i + 2] = 0, current
   end
 end
 if #fields > 0 then
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('ZREM', KEYS[2], unpack(applied))
+  flush(KEYS[3], KEYS[4], false)
+  ev.flush()
 end
-flush(KEYS[3], KEYS[4], false)
 return out

@@ -1,5 +1,5 @@
 -- Prelude prepended to every script: the task record layout, state codes, the store clock,
--- ready-list helpers and event appends. Defines locals only; writes nothing by itself.
+-- ready-list helpers and batched event appends. Defines locals only; writes nothing itself.
 --
 -- A task record (the value of its id in the queue's `tasks` hash):
 --   header '>BBBi4HHI4I6I6I4': version, state, flags, priority, attempt, max_attempts,
@@ -10,6 +10,13 @@
 -- holds exactly the priorities whose list is non-empty, scored -priority.
 local HDR = '>BBBi4HHI4I6I6I4'
 local HDR_LEN = 31
+-- the header up to spec_len, which a rewrite never changes; a rewritten record is one
+-- struct.pack of it followed by the rest as it was (KEEP_REST), or by the spec section as it
+-- was and a new tail (NEW_TAIL: spec section, then length and bytes of server, error, result)
+local HEAD = '>BBBi4HHI4I6I6'
+local HEAD_LEN = 27
+local KEEP_REST = HEAD .. 'c0'
+local NEW_TAIL = HEAD .. 'c0I4c0I4c0I4c0'
 local QUEUED, SCHEDULED, RUNNING, SUCCEEDED, FAILED, DEAD, REVIEW, CANCELLED = 1, 2, 3, 4, 5, 6, 7, 8
 local FLAG_IDEMPOTENT = 1
 
@@ -18,54 +25,107 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function read_str(raw, pos)
-  local len, nxt = struct.unpack('>I4', raw, pos)
-  return string.sub(raw, nxt, nxt + len - 1), nxt + len
-end
-
-local function unpack_record(raw)
-  local r = {}
+-- The header fields of a stored record, with the record itself as `raw`.
+local function head(raw)
+  local r = {raw = raw}
   local _
   _, r.state, r.flags, r.priority, r.attempt, r.max_attempts, r.claims, r.started, r.finished,
     r.spec_len = struct.unpack(HDR, raw)
-  r.spec = string.sub(raw, HDR_LEN + 1, HDR_LEN + r.spec_len)
-  local pos = HDR_LEN + r.spec_len + 1
-  if pos <= #raw then
-    r.server, pos = read_str(raw, pos)
-    r.error, pos = read_str(raw, pos)
-    r.result = read_str(raw, pos)
-  end
   return r
 end
 
-local function pack_record(r)
-  local s = struct.pack(HDR, 1, r.state, r.flags, r.priority, r.attempt, r.max_attempts, r.claims,
-    r.started, r.finished, #r.spec) .. r.spec
-  if r.server or r.error or r.result then
-    local server, err, result = r.server or '', r.error or '', r.result or ''
-    s = s .. struct.pack('>I4', #server) .. server .. struct.pack('>I4', #err) .. err
-      .. struct.pack('>I4', #result) .. result
+local function new_record(state, flags, priority, max_attempts, spec)
+  return struct.pack(HDR, 1, state, flags, priority, 0, max_attempts, 0, 0, 0, #spec) .. spec
+end
+
+-- The tail fields of a record: server, error, result ('' where unset).
+local function tail_of(r)
+  local pos = HDR_LEN + r.spec_len + 1
+  if pos > #r.raw then return '', '', '' end
+  local function read(p)
+    local len, nxt = struct.unpack('>I4', r.raw, p)
+    return string.sub(r.raw, nxt, nxt + len - 1), nxt + len
   end
-  return s
+  local server, err, result
+  server, pos = read(pos)
+  err, pos = read(pos)
+  result = read(pos)
+  return server, err, result
 end
 
--- The record when `token` is the task's latest claim and it is still running; otherwise nil
--- and the record as it is (nil when the task does not exist).
-local function fenced(raw, token)
-  if not raw then return nil, nil end
-  local r = unpack_record(raw)
-  if r.state ~= RUNNING or r.claims ~= tonumber(token) then return nil, r end
-  return r, r
+-- The record with r's header fields; the tail replaced when server/err/result are given.
+local function repack(r, server, err, result)
+  if server == nil then
+    return struct.pack(KEEP_REST, 1, r.state, r.flags, r.priority, r.attempt, r.max_attempts,
+      r.claims, r.started, r.finished, string.sub(r.raw, HEAD_LEN + 1))
+  end
+  return struct.pack(NEW_TAIL, 1, r.state, r.flags, r.priority, r.attempt, r.max_attempts,
+    r.claims, r.started, r.finished, string.sub(r.raw, HEAD_LEN + 1, HDR_LEN + r.spec_len),
+    #server, server, #err, err, #result, result)
 end
 
--- Appends one event; `...` are extra field/value pairs.
-local function emit(stream, max, kind, id, ...)
-  redis.call('XADD', stream, 'MAXLEN', '~', max, '*', 'k', kind, 't', id, ...)
+-- Settle-batch fencing. `fence(id, raw, token)` answers the record's header values (version,
+-- state, flags, priority, attempt, max_attempts, claims, started, finished, spec_len) when
+-- `token` is the task's latest claim and it is still running; otherwise nil and the task's
+-- current state (0: no such task). `settle(id, state)` records a settle, so a task named twice
+-- in one batch is settled once. Plain values, no table: on this hot path a table per record
+-- costs more than everything else done with the record.
+local function fencer()
+  local settled = {}
+  return function(id, raw, token)
+    if settled[id] then return nil, settled[id] end
+    if not raw then return nil, 0 end
+    local v, state, flags, priority, attempt, max_attempts, claims, started, finished, spec_len =
+      struct.unpack(HDR, raw)
+    if state ~= RUNNING or claims ~= tonumber(token) then return nil, state end
+    return v, state, flags, priority, attempt, max_attempts, claims, started, finished, spec_len
+  end, function(id, state) settled[id] = state end
 end
 
--- Pushes ids (all of one priority) onto their ready list, at the head when `front`.
+-- Collects the events of one script call and appends them as one stream entry per kind:
+-- `k` kind, `t` the task ids (16 bytes each), and per task, as MessagePack arrays where the
+-- kind carries them, `a` attempt, `s` server, `e` error. A reader numbers the tasks of an
+-- entry, so each event keeps an id of its own: `<entry id>.<index>`.
+local function events(stream, max)
+  local entries, order = {}, {}
+  local ev = {}
+  function ev.add(kind, id, attempt, server, err)
+    local e = entries[kind]
+    if not e then
+      e = {ids = {}, a = {}, s = {}, e = {}}
+      entries[kind] = e
+      order[#order + 1] = kind
+    end
+    local n = #e.ids + 1
+    e.ids[n], e.a[n], e.s[n], e.e[n] = id, attempt or 0, server or '', err or ''
+    e.has_a = e.has_a or attempt ~= nil
+    e.has_s = e.has_s or server ~= nil
+    e.has_e = e.has_e or err ~= nil
+  end
+  function ev.flush()
+    for _, kind in ipairs(order) do
+      local e = entries[kind]
+      local args = {'XADD', stream, 'MAXLEN', '~', max, '*', 'k', kind, 't', table.concat(e.ids)}
+      if e.has_a then args[#args + 1] = 'a'; args[#args + 1] = cmsgpack.pack(e.a) end
+      if e.has_s then args[#args + 1] = 's'; args[#args + 1] = cmsgpack.pack(e.s) end
+      if e.has_e then args[#args + 1] = 'e'; args[#args + 1] = cmsgpack.pack(e.e) end
+      redis.call(unpack(args))
+    end
+  end
+  return ev
+end
+
+-- Pushes ids (all of one priority) onto their ready list: at the tail, or at the head when
+-- `front`, keeping their order either way.
 local function push_ready(prefix, prios, priority, ids, front)
-  local len = redis.call(front and 'LPUSH' or 'RPUSH', prefix .. priority, unpack(ids))
+  local len
+  if front then
+    local rev = {}
+    for i = #ids, 1, -1 do rev[#rev + 1] = ids[i] end
+    len = redis.call('LPUSH', prefix .. priority, unpack(rev))
+  else
+    len = redis.call('RPUSH', prefix .. priority, unpack(ids))
+  end
   if len == #ids then redis.call('ZADD', prios, -priority, priority) end
 end
 

@@ -8,18 +8,20 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms(), 'LIMIT', 0, t
 if #ids == 0 then return 0 end
 local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local add, flush = by_priority()
+local ev = events(KEYS[5], ARGV[1])
 local fields = {}
 for i, id in ipairs(ids) do
   if recs[i] then
-    local r = unpack_record(recs[i])
+    local r = head(recs[i])
     r.state = QUEUED
     fields[#fields + 1] = id
-    fields[#fields + 1] = pack_record(r)
+    fields[#fields + 1] = repack(r)
     add(r.priority, id)
-    emit(KEYS[5], ARGV[1], 'promote', id)
+    ev.add('promote', id)
   end
 end
 redis.call('ZREM', KEYS[4], unpack(ids))
 if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
 flush(KEYS[2], KEYS[3], false)
+ev.flush()
 return #fields / 2

@@ -11,31 +11,33 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumb
 if #ids == 0 then return 0 end
 local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local reason = 'lease expired'
+local add, flush = by_priority()
+local ev = events(KEYS[7], ARGV[1])
 local fields = {}
 for i, id in ipairs(ids) do
-  local raw = recs[i]
-  if raw then
-    local r = unpack_record(raw)
-    if r.state == RUNNING then
-      r.error = reason
-      if bit.band(r.flags, FLAG_IDEMPOTENT) == 0 then
-        r.state = REVIEW
-        redis.call('ZADD', KEYS[6], now, id)
-        emit(KEYS[7], ARGV[1], 'review', id, 'a', r.attempt, 'e', reason)
-      elseif r.attempt >= r.max_attempts then
-        r.state, r.finished = DEAD, now
-        redis.call('ZADD', KEYS[5], now, id)
-        emit(KEYS[7], ARGV[1], 'dead', id, 'a', r.attempt, 'e', reason)
-      else
-        r.state = QUEUED
-        push_ready(KEYS[3], KEYS[4], r.priority, {id}, true)
-        emit(KEYS[7], ARGV[1], 'retry', id, 'a', r.attempt, 'e', reason)
-      end
-      fields[#fields + 1] = id
-      fields[#fields + 1] = pack_record(r)
+  local r = recs[i] and head(recs[i])
+  if r and r.state == RUNNING then
+    local kind
+    if bit.band(r.flags, FLAG_IDEMPOTENT) == 0 then
+      kind, r.state = 'review', REVIEW
+      redis.call('ZADD', KEYS[6], now, id)
+    elseif r.attempt >= r.max_attempts then
+      kind, r.state, r.finished = 'dead', DEAD, now
+      redis.call('ZADD', KEYS[5], now, id)
+    else
+      kind, r.state = 'retry', QUEUED
+      add(r.priority, id)
     end
+    local server, _, result = tail_of(r)
+    fields[#fields + 1] = id
+    fields[#fields + 1] = repack(r, server, reason, result)
+    ev.add(kind, id, r.attempt, nil, reason)
   end
 end
 redis.call('ZREM', KEYS[2], unpack(ids))
-if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
+if #fields > 0 then
+  redis.call('HSET', KEYS[1], unpack(fields))
+  flush(KEYS[3], KEYS[4], true)
+  ev.flush()
+end
 return #fields / 2

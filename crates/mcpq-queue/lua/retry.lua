@@ -8,13 +8,15 @@
 local id = ARGV[2]
 local raw = redis.call('HGET', KEYS[1], id)
 if not raw then return {-1, 0} end
-local r = unpack_record(raw)
+local r = head(raw)
 local was = r.state
 local from = ({[REVIEW] = KEYS[4], [DEAD] = KEYS[5], [FAILED] = KEYS[6], [CANCELLED] = KEYS[7]})[was]
 if not from then return {0, was} end
 redis.call('ZREM', from, id)
 r.state, r.attempt, r.finished = QUEUED, 0, 0
-redis.call('HSET', KEYS[1], id, pack_record(r))
+redis.call('HSET', KEYS[1], id, repack(r))
 push_ready(KEYS[2], KEYS[3], r.priority, {id}, false)
-emit(KEYS[8], ARGV[1], 'retried', id)
+local ev = events(KEYS[8], ARGV[1])
+ev.add('retried', id)
+ev.flush()
 return {1, was}

@@ -1,5 +1,6 @@
 //! Events: one per task state transition, appended to the queue's stream in the same atomic
-//! step as the transition. An event's id is its stream id, so a subscriber resumes after the
+//! step as the transition. A transition applied to a batch of tasks is one stream entry; the
+//! event of the i-th task in it has the id `<entry id>.<i>`, so a subscriber resumes after the
 //! last id it saw and misses nothing still retained.
 
 use std::fmt;
@@ -10,29 +11,48 @@ use serde::{Deserialize, Serialize};
 use crate::error::InvalidInput;
 use crate::task::{QueueName, TaskId};
 
-/// The position of an event in its queue's stream (`<ms>-<seq>`), ordered.
+/// The position of an event in its queue's stream, `<ms>-<seq>.<index>`: the stream entry's
+/// id and the event's place in that entry. Ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
     /// Store time of the append, in ms.
     pub ms: u64,
     /// Sequence within that millisecond.
     pub seq: u64,
+    /// Place within the entry.
+    pub index: u32,
+}
+
+impl EventId {
+    /// The stream entry id, `<ms>-<seq>`.
+    pub(crate) fn entry(&self) -> String {
+        format!("{}-{}", self.ms, self.seq)
+    }
 }
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        write!(f, "{}-{}.{}", self.ms, self.seq, self.index)
     }
 }
 
 impl FromStr for EventId {
     type Err = InvalidInput;
 
+    /// Also takes a bare stream entry id `<ms>-<seq>`, which stands after all its events.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad =
-            || InvalidInput::new("event_id", "must look like <ms>-<seq>, e.g. 1700000000000-0");
-        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
-        Ok(Self { ms: ms.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())? })
+        let bad = || {
+            InvalidInput::new(
+                "event_id",
+                "must look like <ms>-<seq>.<index>, e.g. 1700000000000-0.3",
+            )
+        };
+        let (entry, index) = match s.split_once('.') {
+            Some((entry, index)) => (entry, index.parse().map_err(|_| bad())?),
+            None => (s, u32::MAX),
+        };
+        let (ms, seq) = entry.split_once('-').ok_or_else(bad)?;
+        Ok(Self { ms: ms.parse().map_err(|_| bad())?, seq: seq.parse().map_err(|_| bad())?, index })
     }
 }
 
@@ -147,11 +167,13 @@ mod tests {
 
     #[test]
     fn event_ids_parse_order_and_print() {
-        let a: EventId = "1700000000000-0".parse().unwrap();
-        let b: EventId = "1700000000000-12".parse().unwrap();
-        assert!(a < b);
-        assert_eq!(b.to_string(), "1700000000000-12");
-        for bad in ["", "17", "a-b", "1-", "-1", "1-2-3"] {
+        let a: EventId = "1700000000000-0.5".parse().unwrap();
+        let b: EventId = "1700000000000-12.0".parse().unwrap();
+        let whole: EventId = "1700000000000-0".parse().unwrap();
+        assert!(a < whole && whole < b, "a bare entry id stands after all its events");
+        assert_eq!(b.to_string(), "1700000000000-12.0");
+        assert_eq!(b.entry(), "1700000000000-12");
+        for bad in ["", "17", "a-b", "1-", "-1", "1-2-3", "1-2.x", "1-2.-1"] {
             assert_eq!(bad.parse::<EventId>().unwrap_err().field, "event_id", "{bad:?}");
         }
     }

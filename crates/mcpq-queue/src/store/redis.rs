@@ -13,6 +13,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, AsyncConnectionConfig, RedisError, Value};
+use serde_json::Value as Value2;
 
 use crate::config::{QueueConfig, QueueConfigs, StoreConfig};
 use crate::error::{Error, Result};
@@ -216,6 +217,28 @@ impl RedisStore {
         Ok(redis::cmd("HMGET").arg(&k.tasks).arg(fields).query_async(&mut conn).await?)
     }
 
+    /// The events of `entries` after `after`, at most `max`.
+    fn expand(
+        &self,
+        queue: &QueueName,
+        entries: &[StreamId],
+        after: Option<EventId>,
+        max: usize,
+    ) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        for entry in entries {
+            for e in parse_entry(queue, entry)? {
+                if after.is_none_or(|a| e.id > a) {
+                    out.push(e);
+                    if out.len() == max {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn list_queued(&self, k: &Keys, mut skip: u64, limit: usize) -> Result<Vec<TaskId>> {
         let mut conn = self.conn();
         let levels: Vec<String> = conn.zrange(&k.prios, 0, -1).await?;
@@ -244,26 +267,49 @@ fn transient(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
 }
 
-fn parse_event(queue: &QueueName, entry: StreamId) -> Result<Event> {
-    let id: EventId =
-        entry.id.parse().map_err(|_| Error::Corrupt(format!("event id {:?}", entry.id)))?;
+/// Expands one stream entry into its events, one per task it names.
+fn parse_entry(queue: &QueueName, entry: &StreamId) -> Result<Vec<Event>> {
+    let corrupt = |what: &str| Error::Corrupt(format!("event entry {}: {what}", entry.id));
+    let (ms, seq) = entry.id.split_once('-').ok_or_else(|| corrupt("bad id"))?;
+    let (ms, seq) =
+        (ms.parse().map_err(|_| corrupt("bad id"))?, seq.parse().map_err(|_| corrupt("bad id"))?);
     let field = |name: &str| match entry.map.get(name) {
         Some(Value::BulkString(b)) => Some(b.as_slice()),
         _ => None,
     };
-    let text = |name: &str| field(name).map(|b| String::from_utf8_lossy(b).into_owned());
-    let kind = field("k")
-        .and_then(EventKind::from_code)
-        .ok_or_else(|| Error::Corrupt(format!("event {id} has no known kind")))?;
-    Ok(Event {
-        id,
-        queue: queue.clone(),
-        kind,
-        task: field("t").and_then(TaskId::from_slice),
-        attempt: text("a").and_then(|a| a.parse().ok()),
-        server: text("s").filter(|s| !s.is_empty()),
-        error: text("e").filter(|s| !s.is_empty()),
-    })
+    let list = |name: &str| -> Result<Option<Vec<Value2>>> {
+        field(name)
+            .map(|b| record::from_msgpack::<Vec<Value2>>(b).map_err(|_| corrupt(name)))
+            .transpose()
+    };
+    let kind = field("k").and_then(EventKind::from_code).ok_or_else(|| corrupt("unknown kind"))?;
+    let ids: Vec<Option<TaskId>> = match field("t") {
+        Some(t) if t.len() % 16 == 0 => t.chunks(16).map(TaskId::from_slice).collect(),
+        Some(_) => return Err(corrupt("task ids")),
+        None => vec![None],
+    };
+    let (attempts, servers, errors) = (list("a")?, list("s")?, list("e")?);
+    let pick = |l: &Option<Vec<Value2>>, i: usize| l.as_ref().and_then(|l| l.get(i).cloned());
+    Ok(ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, task)| Event {
+            id: EventId { ms, seq, index: i as u32 },
+            queue: queue.clone(),
+            kind,
+            task,
+            attempt: pick(&attempts, i)
+                .and_then(|v| v.as_u64())
+                .and_then(|a| u16::try_from(a).ok())
+                .filter(|a| *a > 0),
+            server: pick(&servers, i)
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .filter(|s| !s.is_empty()),
+            error: pick(&errors, i)
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .filter(|s| !s.is_empty()),
+        })
+        .collect())
 }
 
 impl Store for RedisStore {
@@ -504,33 +550,31 @@ impl Store for RedisStore {
     ) -> Result<Vec<Event>> {
         let k = self.keys(queue);
         let max = max.clamp(1, MAX_BATCH);
-        let start = after.map_or_else(|| "0-0".to_owned(), |id| id.to_string());
-        let entries = match block {
-            None => {
-                let reply: StreamRangeReply = self
-                    .retrying(|mut c| {
-                        let (k, start) = (&k, &start);
-                        async move {
-                            Ok(c.xrange_count(&k.events, format!("({start}"), "+", max).await?)
-                        }
-                    })
-                    .await?;
-                reply.ids
-            }
-            Some(block) => {
-                let mut conn = self.reader().await?;
-                let block_ms = block.as_millis().clamp(1, 60_000) as usize;
-                let opts = StreamReadOptions::default().count(max).block(block_ms);
-                let limit = block + self.inner.cfg.response_timeout();
-                let reply: Option<StreamReadReply> =
-                    tokio::time::timeout(limit, conn.xread_options(&[&k.events], &[&start], &opts))
-                        .await
-                        .map_err(|_| Error::Timeout)??;
-                self.return_reader(conn);
-                reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default()
-            }
-        };
-        entries.into_iter().map(|e| parse_event(queue, e)).collect()
+        // the entry holding `after` may have events past it: read from it, inclusively
+        let start = after.map_or_else(|| "-".to_owned(), |id| id.entry());
+        let reply: StreamRangeReply = self
+            .retrying(|mut c| {
+                let (k, start) = (&k, &start);
+                async move { Ok(c.xrange_count(&k.events, start, "+", max).await?) }
+            })
+            .await?;
+        let mut out = self.expand(queue, &reply.ids, after, max)?;
+        if let (true, Some(block)) = (out.is_empty(), block) {
+            let from = after.map_or_else(|| "0-0".to_owned(), |id| id.entry());
+            let mut conn = self.reader().await?;
+            let block_ms = block.as_millis().clamp(1, 60_000) as usize;
+            let opts = StreamReadOptions::default().count(max).block(block_ms);
+            let limit = block + self.inner.cfg.response_timeout();
+            let reply: Option<StreamReadReply> =
+                tokio::time::timeout(limit, conn.xread_options(&[&k.events], &[&from], &opts))
+                    .await
+                    .map_err(|_| Error::Timeout)??;
+            self.return_reader(conn);
+            let entries: Vec<StreamId> =
+                reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default();
+            out = self.expand(queue, &entries, after, max)?;
+        }
+        Ok(out)
     }
 
     async fn last_event_id(&self, queue: &QueueName) -> Result<Option<EventId>> {
@@ -541,6 +585,9 @@ impl Store for RedisStore {
                 async move { Ok(c.xrevrange_count(&k.events, "+", "-", 1).await?) }
             })
             .await?;
-        reply.ids.into_iter().next().map(|e| parse_event(queue, e).map(|e| e.id)).transpose()
+        Ok(match reply.ids.first() {
+            Some(entry) => parse_entry(queue, entry)?.last().map(|e| e.id),
+            None => None,
+        })
     }
 }

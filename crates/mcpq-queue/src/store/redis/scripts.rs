@@ -68,18 +68,18 @@ fn task_id(v: &Value, what: &str) -> Result<TaskId> {
     }
 }
 
-/// Reads `{code, state}` pairs.
+/// Reads a flat reply of (code, value) pairs.
 fn pairs(v: Value, what: &str) -> Result<Vec<(i64, Value)>> {
-    array(v, what)?
-        .into_iter()
-        .map(|p| {
-            let mut p = array(p, what)?.into_iter();
-            match (p.next(), p.next()) {
-                (Some(code), Some(second)) => Ok((int(&code, what)?, second)),
-                _ => Err(Error::Corrupt(format!("short {what} reply"))),
-            }
-        })
-        .collect()
+    let flat = array(v, what)?;
+    if flat.len() % 2 != 0 {
+        return Err(Error::Corrupt(format!("odd-length {what} reply")));
+    }
+    let mut it = flat.into_iter();
+    let mut out = Vec::with_capacity(it.len() / 2);
+    while let (Some(code), Some(second)) = (it.next(), it.next()) {
+        out.push((int(&code, what)?, second));
+    }
+    Ok(out)
 }
 
 fn state(code: i64, what: &str) -> Result<TaskState> {

@@ -1,0 +1,187 @@
+//! The configuration file: TOML, then `MCPQ_*` environment overrides (`MCPQ_STORE__REDIS_URL`
+//! sets `store.redis_url`), then checks that name the key, the bad value and what is allowed.
+//! Key names are a public contract; `config/mcpq.toml` documents each with its default.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, StoreConfig};
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read or parsed, or a value has the wrong type or an unknown key.
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The offending key, e.g. `store.redis_url`.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+impl From<mcpq_queue::InvalidInput> for Error {
+    fn from(e: mcpq_queue::InvalidInput) -> Self {
+        Self::Invalid { key: e.field, message: e.message }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[store]`.
+    pub store: StoreConfig,
+    /// `[queues.<name>]`.
+    pub queues: HashMap<String, QueueConfig>,
+}
+
+impl Config {
+    /// Loads `path` (if given), applies `MCPQ_*` overrides from `env`, and checks the result.
+    pub fn load(path: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, Error> {
+        let mut b = config::Config::builder();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(Error::Parse(format!("{}: no such file", path.display())));
+            }
+            b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let overrides = config::Environment::with_prefix("MCPQ")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(env.clone()));
+        let cfg: Config = b
+            .add_source(overrides)
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| Error::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment); for tests and tools.
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        let cfg: Config = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| Error::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.store.validate()?;
+        for (name, q) in &self.queues {
+            QueueName::new(name.as_str()).map_err(|e| Error::Invalid {
+                key: format!("queues.{name}"),
+                message: e.message,
+            })?;
+            q.validate(name)?;
+        }
+        Ok(())
+    }
+
+    /// The `[queues]` table in the form stores take.
+    pub fn queue_configs(&self) -> QueueConfigs {
+        QueueConfigs::new(
+            self.queues
+                .iter()
+                .filter_map(|(n, c)| QueueName::new(n.as_str()).ok().map(|n| (n, c.clone())))
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(r: Result<Config, Error>) -> String {
+        match r {
+            Err(Error::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let cfg = Config::load(None, &HashMap::new()).unwrap();
+        assert_eq!(cfg.store, StoreConfig::default());
+        assert!(cfg.store.redis_url.is_none(), "the embedded store is the default");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, "[store]\nredis_url = \"redis://127.0.0.1:1/\"\n").unwrap();
+        let env = HashMap::from([
+            ("MCPQ_STORE__REDIS_URL".to_owned(), "redis://127.0.0.1:2/".to_owned()),
+            ("MCPQ_QUEUES__MAIL__MAX_ATTEMPTS".to_owned(), "9".to_owned()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ]);
+        let cfg = Config::load(Some(&path), &env).unwrap();
+        assert_eq!(cfg.store.redis_url.as_deref(), Some("redis://127.0.0.1:2/"));
+        assert_eq!(cfg.queues["mail"].max_attempts, 9);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(
+            key_of(Config::from_toml("[store]\nredis_url = \"http://x\"")),
+            "store.redis_url"
+        );
+        assert_eq!(key_of(Config::from_toml("[queues.\"a b\"]\nmax_attempts = 3")), "queues.a b");
+        assert_eq!(
+            key_of(Config::from_toml("[queues.mail]\nmax_attempts = 0")),
+            "queues.mail.max_attempts"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused_with_their_name() {
+        let e = Config::from_toml("[store]\nredis_ur = \"redis://x\"").unwrap_err().to_string();
+        assert!(e.contains("redis_ur"), "{e}");
+        let e =
+            Config::from_toml("[store]\nconnect_timeout_ms = \"soon\"").unwrap_err().to_string();
+        assert!(e.contains("connect_timeout_ms"), "{e}");
+        let e = Config::from_toml("[store\n").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        let e =
+            Config::load(Some(Path::new("/nonexistent/mcpq.toml")), &HashMap::new()).unwrap_err();
+        assert!(e.to_string().contains("no such file"), "{e}");
+    }
+
+    #[test]
+    fn every_example_file_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                Config::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no example files in {}", dir.display());
+    }
+
+    #[test]
+    fn the_documented_defaults_are_the_real_defaults() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/mcpq.toml"),
+        )
+        .unwrap();
+        let cfg = Config::from_toml(&text).unwrap();
+        assert_eq!(cfg.store, StoreConfig::default());
+        assert_eq!(cfg.queues["default"], QueueConfig::default());
+    }
+}

@@ -1,0 +1,303 @@
+//! Micro-benchmark of the Redis store: 50,000 no-op tasks through enqueue (batched), claim and
+//! complete (batched), against a local redis-server it starts itself. Prints, per run and as
+//! the median of the runs: enqueue/s, claim+complete/s, the concurrent enqueue→claim→complete
+//! cycle/s, Redis commands per task (INFO commandstats, commands inside scripts included),
+//! client round trips per task, and bytes of Redis memory per queued task.
+//!
+//! `cargo bench -p mcpq-tests --bench queue [-- --tasks N --runs N --workers N --batch N]`
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mcpq_queue::{Completion, NewTask, QueueName, RedisStore, Store};
+use mcpq_tests::RedisServer;
+use serde_json::{Value, json};
+
+const BATCH_ENQUEUE: usize = 1000;
+const PRODUCERS: usize = 2;
+const LEASE: Duration = Duration::from_secs(60);
+
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    enqueue_per_s: f64,
+    drain_per_s: f64,
+    cycle_per_s: f64,
+    cycle_client_us: f64,
+    cycle_redis_us: f64,
+    commands_per_task: f64,
+    round_trips_per_task: f64,
+    bytes_per_queued: f64,
+}
+
+fn info(conn: &mut redis::Connection, section: &str) -> Result<HashMap<String, String>> {
+    let text: String = redis::cmd("INFO").arg(section).query(conn)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect())
+}
+
+/// (all commands, client round trips) since the last CONFIG RESETSTAT, INFO/CONFIG excluded.
+fn commands(conn: &mut redis::Connection) -> Result<(u64, u64)> {
+    let stats = info(conn, "commandstats")?;
+    let mut all = 0;
+    let mut client = 0;
+    for (k, v) in stats {
+        let Some(cmd) = k.strip_prefix("cmdstat_") else { continue };
+        if cmd == "info" || cmd.starts_with("config") {
+            continue;
+        }
+        let calls: u64 =
+            v.split(',').find_map(|f| f.strip_prefix("calls=")).context("calls field")?.parse()?;
+        all += calls;
+        // scripts never call EVALSHA or SCRIPT themselves: those came from the client
+        if cmd == "evalsha" || cmd == "eval" || cmd.starts_with("script") {
+            client += calls;
+        }
+    }
+    Ok((all, client))
+}
+
+/// CPU seconds (user + system) this process has used.
+fn own_cpu_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // fields after the parenthesised command name; utime and stime are the 12th and 13th
+    let rest = stat.rsplit_once(')').context("/proc/self/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// CPU seconds (user + system) the Redis server has used.
+fn redis_cpu_s(conn: &mut redis::Connection) -> Result<f64> {
+    let cpu = info(conn, "cpu")?;
+    Ok(cpu["used_cpu_user"].parse::<f64>()? + cpu["used_cpu_sys"].parse::<f64>()?)
+}
+
+fn used_memory(conn: &mut redis::Connection) -> Result<f64> {
+    Ok(info(conn, "memory")?["used_memory"].parse()?)
+}
+
+fn noop() -> NewTask {
+    NewTask::tool("noop", Value::Null)
+}
+
+async fn enqueue_all(store: &RedisStore, q: &QueueName, n: usize, producers: usize) -> Result<()> {
+    let per = n.div_ceil(producers);
+    let mut handles = Vec::new();
+    for p in 0..producers {
+        let (store, q) = (store.clone(), q.clone());
+        let count = per.min(n.saturating_sub(p * per));
+        handles.push(tokio::spawn(async move {
+            let mut left = count;
+            while left > 0 {
+                let batch: Vec<_> = (0..left.min(BATCH_ENQUEUE)).map(|_| noop()).collect();
+                left -= batch.len();
+                store.enqueue(&q, &batch).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    Ok(())
+}
+
+/// How the workers claim.
+#[derive(Clone, Copy)]
+struct Shape {
+    workers: usize,
+    batch: usize,
+}
+
+/// Claims and completes until `target` tasks are done in total.
+async fn drain(store: &RedisStore, q: &QueueName, target: usize, shape: Shape) -> Result<()> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..shape.workers {
+        let (store, q, done) = (store.clone(), q.clone(), done.clone());
+        handles.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while done.load(Ordering::Relaxed) < target {
+                if Instant::now() > deadline {
+                    bail!("drain did not finish in 300 s");
+                }
+                let claimed = store.claim(&q, shape.batch, LEASE).await?;
+                if claimed.is_empty() {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                let completions: Vec<_> = claimed
+                    .iter()
+                    .map(|c| Completion {
+                        id: c.task.id,
+                        token: c.token,
+                        server: "s".into(),
+                        result: json!({}),
+                    })
+                    .collect();
+                store.complete(&q, &completions).await?;
+                done.fetch_add(completions.len(), Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    Ok(())
+}
+
+async fn run_once(n: usize, shape: Shape) -> Result<Figures> {
+    let server = RedisServer::start()?;
+    let mut raw = server.raw()?;
+    let store = server.store(&[]).await?;
+    let q = QueueName::default();
+    // load the scripts before measuring
+    store.enqueue(&QueueName::new("warmup")?, &[noop()]).await?;
+    store.claim(&QueueName::new("warmup")?, 1, LEASE).await?;
+    store.complete(&QueueName::new("warmup")?, &[]).await?;
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut raw)?;
+    let mem_before = used_memory(&mut raw)?;
+
+    let t = Instant::now();
+    enqueue_all(&store, &q, n, PRODUCERS).await?;
+    let enqueue_s = t.elapsed().as_secs_f64();
+    let mem_after = used_memory(&mut raw)?;
+    let verbose = std::env::args().any(|a| a == "--verbose");
+    if verbose {
+        let stats = info(&mut raw, "commandstats")?;
+        println!(
+            "  enqueue phase: evalsha {}",
+            stats.get("cmdstat_evalsha").map_or("", |s| s.as_str())
+        );
+    }
+    let stats = store.stats(&q).await?;
+    if stats.queued != n as u64 {
+        bail!("expected {n} queued, found {}", stats.queued);
+    }
+
+    let t = Instant::now();
+    drain(&store, &q, n, shape).await?;
+    let drain_s = t.elapsed().as_secs_f64();
+    let (all_cmds, client_rt) = commands(&mut raw)?;
+    if verbose {
+        let mut lines: Vec<_> = info(&mut raw, "commandstats")?.into_iter().collect();
+        lines.sort();
+        for (k, v) in lines {
+            println!("  {k}: {v}");
+        }
+        let cpu = info(&mut raw, "cpu")?;
+        println!("  redis cpu: user {}s sys {}s", cpu["used_cpu_user"], cpu["used_cpu_sys"]);
+    }
+    let stats = store.stats(&q).await?;
+    if stats.succeeded != n as u64 || stats.running + stats.queued != 0 {
+        bail!("drain left the queue at {stats:?}");
+    }
+
+    // the full cycle, concurrently: producers and workers at once on a second queue
+    let q2 = QueueName::new("cycle")?;
+    let (client0, redis0) = (own_cpu_s()?, redis_cpu_s(&mut raw)?);
+    let t = Instant::now();
+    let producer = {
+        let (store, q2) = (store.clone(), q2.clone());
+        tokio::spawn(async move { enqueue_all(&store, &q2, n, PRODUCERS).await })
+    };
+    drain(&store, &q2, n, shape).await?;
+    producer.await??;
+    let cycle_s = t.elapsed().as_secs_f64();
+    let (client1, redis1) = (own_cpu_s()?, redis_cpu_s(&mut raw)?);
+
+    Ok(Figures {
+        enqueue_per_s: n as f64 / enqueue_s,
+        drain_per_s: n as f64 / drain_s,
+        cycle_per_s: n as f64 / cycle_s,
+        cycle_client_us: (client1 - client0) * 1e6 / n as f64,
+        cycle_redis_us: (redis1 - redis0) * 1e6 / n as f64,
+        commands_per_task: all_cmds as f64 / n as f64,
+        round_trips_per_task: client_rt as f64 / n as f64,
+        bytes_per_queued: (mem_after - mem_before) / n as f64,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn arg(name: &str, default: usize) -> Result<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a number"))?
+            .parse()
+            .with_context(|| format!("{name} needs a number")),
+        None => Ok(default),
+    }
+}
+
+fn print_row(label: &str, f: &Figures) {
+    println!(
+        "{:>6} {:>10.0} {:>16.0} {:>9.0} {:>10.1} {:>10.1} {:>9.2} {:>11.4} {:>10.1}",
+        label,
+        f.enqueue_per_s,
+        f.drain_per_s,
+        f.cycle_per_s,
+        f.cycle_client_us,
+        f.cycle_redis_us,
+        f.commands_per_task,
+        f.round_trips_per_task,
+        f.bytes_per_queued
+    );
+}
+
+fn main() -> Result<()> {
+    let n = arg("--tasks", 50_000)?;
+    let runs = arg("--runs", 3)?.max(1);
+    let shape =
+        Shape { workers: arg("--workers", 4)?.max(1), batch: arg("--batch", 250)?.clamp(1, 1000) };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    println!(
+        "mcpq-queue Redis store, {n} no-op tasks, enqueue batch {BATCH_ENQUEUE} x {PRODUCERS} producers, \
+         claim/complete batch {} x {} workers",
+        shape.batch, shape.workers
+    );
+    println!(
+        "{:>6} {:>10} {:>16} {:>9} {:>10} {:>10} {:>9} {:>11} {:>10}",
+        "run",
+        "enqueue/s",
+        "claim+complete/s",
+        "cycle/s",
+        "client µs",
+        "redis µs",
+        "cmds/task",
+        "rtrips/task",
+        "bytes/task"
+    );
+    let mut all = Vec::new();
+    for i in 1..=runs {
+        let f = rt.block_on(run_once(n, shape))?;
+        print_row(&i.to_string(), &f);
+        all.push(f);
+    }
+    let m = |get: fn(&Figures) -> f64| median(all.iter().map(get).collect());
+    let med = Figures {
+        enqueue_per_s: m(|f| f.enqueue_per_s),
+        drain_per_s: m(|f| f.drain_per_s),
+        cycle_per_s: m(|f| f.cycle_per_s),
+        cycle_client_us: m(|f| f.cycle_client_us),
+        cycle_redis_us: m(|f| f.cycle_redis_us),
+        commands_per_task: m(|f| f.commands_per_task),
+        round_trips_per_task: m(|f| f.round_trips_per_task),
+        bytes_per_queued: m(|f| f.bytes_per_queued),
+    };
+    print_row("median", &med);
+    println!("(client µs, redis µs: CPU per task during the cycle)");
+    Ok(())
+}
