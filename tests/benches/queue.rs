@@ -129,7 +129,8 @@ async fn drain(store: &RedisStore, q: &QueueName, target: usize, shape: Shape) -
                 }
                 let claimed = store.claim(&q, shape.batch, LEASE).await?;
                 if claimed.is_empty() {
-                    tokio::task::yield_now().await;
+                    // as a dispatcher would: an empty queue is polled again shortly, not at once
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
                 let completions: Vec<_> = claimed
