@@ -263,7 +263,8 @@ fn main() -> Result<()> {
     let runs = arg("--runs", 3)?.max(1);
     let shape =
         Shape { workers: arg("--workers", 4)?.max(1), batch: arg("--batch", 250)?.clamp(1, 1000) };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // one client thread: Redis keeps the other core to itself
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     println!(
         "mcpq-queue Redis store, {n} no-op tasks, enqueue batch {BATCH_ENQUEUE} x {PRODUCERS} producers, \
          claim/complete batch {} x {} workers",

@@ -561,6 +561,15 @@ async fn retention_trims_finished_tasks_by_count_and_age<B: Backend>() -> Result
         s.complete(&q(), &[done(&c)]).await?;
     }
     assert_eq!(s.stats(&q()).await?.succeeded, 5);
+    // finished tasks list newest first, page by page
+    let mut listed = Vec::new();
+    let mut cursor = Some(0);
+    while let Some(c) = cursor {
+        let page = s.list(&q(), TaskState::Succeeded, c, 2).await?;
+        listed.extend(page.tasks.iter().map(|t| t.id));
+        cursor = page.next_cursor.filter(|_| listed.len() < 10);
+    }
+    assert_eq!(listed, ids.iter().rev().copied().collect::<Vec<_>>());
     assert_eq!(s.trim(&q()).await?, 2);
     assert_eq!(s.stats(&q()).await?.succeeded, 3);
     assert!(s.get(&q(), ids[0]).await?.is_none() && s.get(&q(), ids[1]).await?.is_none());

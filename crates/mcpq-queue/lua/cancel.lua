@@ -1,7 +1,7 @@
 -- cancel: cancels a task that has not finished (queued, scheduled, running or in review). A
 -- running task's holder is fenced off: its late result is rejected.
 -- KEYS[1]: tasks hash   KEYS[2]: ready list prefix   KEYS[3]: prios zset   KEYS[4]: scheduled zset
--- KEYS[5]: leases zset   KEYS[6]: review zset   KEYS[7]: cancelled zset   KEYS[8]: events stream
+-- KEYS[5]: leases zset   KEYS[6]: review zset   KEYS[7]: cancelled list   KEYS[8]: events stream
 -- ARGV[1]: events max length   ARGV[2]: id
 -- Returns: {1, state it was in} cancelled; {0, its state} already finished; {-1, 0} no such task
 -- Errors: none of its own
@@ -24,7 +24,7 @@ end
 local now = now_ms()
 r.state, r.finished = CANCELLED, now
 redis.call('HSET', KEYS[1], id, repack(r))
-redis.call('ZADD', KEYS[7], now, id)
+redis.call('RPUSH', KEYS[7], id)
 local ev = events(KEYS[8], ARGV[1])
 ev.add('cancel', id)
 ev.flush()

@@ -1,5 +1,5 @@
 -- complete: records the results of running tasks as succeeded.
--- KEYS[1]: tasks hash   KEYS[2]: leases zset   KEYS[3]: succeeded zset   KEYS[4]: events stream
+-- KEYS[1]: tasks hash   KEYS[2]: leases zset   KEYS[3]: succeeded list   KEYS[4]: events stream
 -- ARGV[1]: events max length   ARGV[2]: item count n
 -- ARGV[3..]: per item 4 values: id, token, server, result (MessagePack)
 -- Returns: per item two values: applied 1|0, state code after the call (0 = no such task);
@@ -12,7 +12,7 @@ local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local now = now_ms()
 local fence, settle = fencer()
 local ev = events(KEYS[4], ARGV[1])
-local out, fields, done, applied = {}, {}, {}, {}
+local out, fields, applied = {}, {}, {}
 for i = 0, n - 1 do
   local b = 3 + i * 4
   local id, server, raw = ARGV[b], ARGV[b + 2], recs[i + 1]
@@ -24,8 +24,6 @@ for i = 0, n - 1 do
     fields[#fields + 1] = struct.pack(NEW_TAIL, 1, SUCCEEDED, flags, priority, attempt,
       max_attempts, claims, started, now, string.sub(raw, HEAD_LEN + 1, HDR_LEN + spec_len),
       #server, server, 0, '', #result, result)
-    done[#done + 1] = now
-    done[#done + 1] = id
     applied[#applied + 1] = id
     settle(id, SUCCEEDED)
     ev.add('ok', id, attempt, server)
@@ -37,7 +35,7 @@ end
 if #fields > 0 then
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('ZREM', KEYS[2], unpack(applied))
-  redis.call('ZADD', KEYS[3], unpack(done))
+  redis.call('RPUSH', KEYS[3], unpack(applied))
   ev.flush()
 end
 return out

@@ -46,7 +46,7 @@ for i = 0, n - 1 do
       add(priority, id)
     end
     fields[#fields + 1] = id
-    fields[#fields + 1] = new_record(state, tonumber(ARGV[b + 3]), priority, tonumber(ARGV[b + 2]), spec)
+    fields[#fields + 1] = new_record(state, ARGV[b + 3], priority, ARGV[b + 2], spec)
     ev.add('enq', id)
   end
   out[2 * i + 1], out[2 * i + 2] = code, holder

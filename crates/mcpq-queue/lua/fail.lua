@@ -2,7 +2,7 @@
 -- delay_ms while attempts remain, else the task is dead; `fatal` fails it for good; `review`
 -- parks it for a person (outcome unknown and not safe to repeat).
 -- KEYS[1]: tasks hash   KEYS[2]: leases zset   KEYS[3]: ready list prefix   KEYS[4]: prios zset
--- KEYS[5]: scheduled zset   KEYS[6]: failed zset   KEYS[7]: dead zset   KEYS[8]: review zset
+-- KEYS[5]: scheduled zset   KEYS[6]: failed list   KEYS[7]: dead list   KEYS[8]: review zset
 -- KEYS[9]: events stream
 -- ARGV[1]: events max length   ARGV[2]: item count n
 -- ARGV[3..]: per item 6 values: id, token, server, error, disposition (retry|fatal|review), delay_ms
@@ -38,10 +38,10 @@ for i = 0, n - 1 do
       redis.call('ZADD', KEYS[8], now, id)
     elseif disp == 'retry' then
       kind, r.state, r.finished = 'dead', DEAD, now
-      redis.call('ZADD', KEYS[7], now, id)
+      redis.call('RPUSH', KEYS[7], id)
     else
       kind, r.state, r.finished = 'fail', FAILED, now
-      redis.call('ZADD', KEYS[6], now, id)
+      redis.call('RPUSH', KEYS[6], id)
     end
     local _, _, result = tail_of(r)
     fields[#fields + 1] = id

@@ -34,8 +34,11 @@ local function head(raw)
   return r
 end
 
+local NEW = HDR .. 'c0'
+
+-- A new task's record; numeric arguments may be numeric strings (struct converts them).
 local function new_record(state, flags, priority, max_attempts, spec)
-  return struct.pack(HDR, 1, state, flags, priority, 0, max_attempts, 0, 0, 0, #spec) .. spec
+  return struct.pack(NEW, 1, state, flags, priority, 0, max_attempts, 0, 0, 0, #spec, spec)
 end
 
 -- The tail fields of a record: server, error, result ('' where unset).

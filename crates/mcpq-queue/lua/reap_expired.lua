@@ -2,7 +2,7 @@
 -- stalled). Whether the call ran is unknown: idempotent tasks go back to the head of their
 -- ready list (or dead when no attempt is left), the others to review.
 -- KEYS[1]: tasks hash   KEYS[2]: leases zset   KEYS[3]: ready list prefix   KEYS[4]: prios zset
--- KEYS[5]: dead zset   KEYS[6]: review zset   KEYS[7]: events stream
+-- KEYS[5]: dead list   KEYS[6]: review zset   KEYS[7]: events stream
 -- ARGV[1]: events max length   ARGV[2]: max tasks
 -- Returns: the number of tasks reaped
 -- Errors: none of its own
@@ -23,7 +23,7 @@ for i, id in ipairs(ids) do
       redis.call('ZADD', KEYS[6], now, id)
     elseif r.attempt >= r.max_attempts then
       kind, r.state, r.finished = 'dead', DEAD, now
-      redis.call('ZADD', KEYS[5], now, id)
+      redis.call('RPUSH', KEYS[5], id)
     else
       kind, r.state = 'retry', QUEUED
       add(r.priority, id)

@@ -179,7 +179,7 @@ impl QueueStats {
 #[derive(Clone, Debug)]
 pub struct Page {
     /// The tasks, in the state's order (queued: claim order; scheduled: due time; running:
-    /// lease deadline; finished states: newest first).
+    /// lease deadline; review: oldest first; finished states: newest first).
     pub tasks: Vec<Task>,
     /// Where the next page starts; `None` at the end.
     pub next_cursor: Option<u64>,

@@ -73,19 +73,29 @@ impl Keys {
         format!("{}idem:{key}", self.prefix)
     }
 
-    /// The zset holding tasks of a state (`None` for queued, which lives in lists).
-    fn zset(&self, state: TaskState) -> Option<&str> {
-        Some(match state {
-            TaskState::Queued => return None,
-            TaskState::Scheduled => &self.scheduled,
-            TaskState::Running => &self.leases,
-            TaskState::Review => &self.review,
-            TaskState::Succeeded => &self.succeeded,
-            TaskState::Failed => &self.failed,
-            TaskState::Dead => &self.dead,
-            TaskState::Cancelled => &self.cancelled,
-        })
+    /// Where tasks of a state are kept.
+    fn holder(&self, state: TaskState) -> Holder<'_> {
+        match state {
+            TaskState::Queued => Holder::Ready,
+            TaskState::Scheduled => Holder::Zset(&self.scheduled),
+            TaskState::Running => Holder::Zset(&self.leases),
+            TaskState::Review => Holder::Zset(&self.review),
+            TaskState::Succeeded => Holder::List(&self.succeeded),
+            TaskState::Failed => Holder::List(&self.failed),
+            TaskState::Dead => Holder::List(&self.dead),
+            TaskState::Cancelled => Holder::List(&self.cancelled),
+        }
     }
+}
+
+/// The structure holding the tasks of one state.
+enum Holder<'a> {
+    /// The per-priority ready lists.
+    Ready,
+    /// A zset ordered by time (due, lease deadline, arrival in review).
+    Zset(&'a str),
+    /// A list in finish order, oldest first.
+    List(&'a str),
 }
 
 /// A [`Store`] on Redis (or anything speaking its protocol with Lua and streams).
@@ -498,17 +508,17 @@ impl Store for RedisStore {
     ) -> Result<Page> {
         let k = self.keys(queue);
         let limit = limit.clamp(1, MAX_BATCH);
-        let ids: Vec<TaskId> = match k.zset(state) {
-            None => self.list_queued(&k, cursor, limit).await?,
-            Some(zset) => {
-                let (start, stop) = (cursor as isize, cursor as isize + limit as isize - 1);
-                let mut conn = self.conn();
-                let raw: Vec<Vec<u8>> = if state.is_terminal() {
-                    conn.zrevrange(zset, start, stop).await?
-                } else {
-                    conn.zrange(zset, start, stop).await?
-                };
+        let (start, stop) = (cursor as isize, cursor as isize + limit as isize - 1);
+        let ids: Vec<TaskId> = match k.holder(state) {
+            Holder::Ready => self.list_queued(&k, cursor, limit).await?,
+            Holder::Zset(zset) => {
+                let raw: Vec<Vec<u8>> = self.conn().zrange(zset, start, stop).await?;
                 raw.iter().filter_map(|b| TaskId::from_slice(b)).collect()
+            }
+            Holder::List(list) => {
+                // newest first: count from the tail
+                let raw: Vec<Vec<u8>> = self.conn().lrange(list, -stop - 1, -start - 1).await?;
+                raw.iter().rev().filter_map(|b| TaskId::from_slice(b)).collect()
             }
         };
         let next_cursor = (ids.len() == limit).then(|| cursor + limit as u64);
