@@ -72,3 +72,14 @@ async fn corrupt_records_are_errors_not_panics() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn bad_queue_configuration_is_refused_at_open() -> Result<()> {
+    let server = RedisServer::start()?;
+    let tiny = mcpq_queue::QueueConfig { events_max: 0, ..Default::default() };
+    match server.store(&[("mail", tiny)]).await {
+        Err(e) => assert!(e.to_string().contains("queues.mail.events_max"), "{e}"),
+        Ok(_) => panic!("a zero-length event stream was accepted"),
+    }
+    Ok(())
+}

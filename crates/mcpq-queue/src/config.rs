@@ -154,6 +154,12 @@ impl QueueConfigs {
     pub fn get(&self, queue: &QueueName) -> &QueueConfig {
         self.named.get(queue).unwrap_or(&self.default)
     }
+
+    /// Checks every entry.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        self.default.validate("default")?;
+        self.named.iter().try_for_each(|(name, cfg)| cfg.validate(name.as_str()))
+    }
 }
 
 #[cfg(test)]

@@ -132,6 +132,7 @@ impl RedisStore {
     /// Connects as `[store]` says, with the given `[queues]` configuration.
     pub async fn open(cfg: &StoreConfig, queues: QueueConfigs) -> Result<Self> {
         cfg.validate()?;
+        queues.validate()?;
         let url = cfg.redis_url.as_deref().ok_or_else(|| {
             Error::Invalid(crate::InvalidInput::new("store.redis_url", "is not set"))
         })?;
@@ -186,6 +187,19 @@ impl RedisStore {
         }
     }
 
+    /// Runs a batch script over `items`, [`MAX_BATCH`] at a time, each call retried as above.
+    async fn batched<'a, I, T, F, Fut>(&self, items: &'a [I], op: F) -> Result<Vec<T>>
+    where
+        F: Fn(ConnectionManager, &'a [I]) -> Fut,
+        Fut: Future<Output = Result<Vec<T>>>,
+    {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(MAX_BATCH) {
+            out.extend(self.retrying(|c| op(c, chunk)).await?);
+        }
+        Ok(out)
+    }
+
     async fn reader(&self) -> Result<MultiplexedConnection> {
         let idle = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         if let Some(c) = idle {
@@ -212,6 +226,7 @@ impl RedisStore {
         ids: &[TaskId],
         recs: Vec<Option<Vec<u8>>>,
     ) -> Result<Vec<Task>> {
+        // a task trimmed between listing its id and reading its record is left out
         ids.iter()
             .zip(recs)
             .filter_map(|(id, rec)| rec.map(|r| record::decode(queue, *id, &r).map(|r| r.task)))
@@ -338,28 +353,20 @@ impl Store for RedisStore {
                 })
             })
             .collect::<Result<Vec<EncodedTask<'_>>>>()?;
-        let k = self.keys(queue);
-        let cfg = self.cfg(queue);
-        let mut out = Vec::with_capacity(tasks.len());
-        for chunk in encoded.chunks(MAX_BATCH) {
-            // re-sending the same ids is harmless: existing ids are answered, not re-created
-            out.extend(
-                self.retrying(|mut c| {
-                    let k = &k;
-                    async move { scripts::enqueue(&mut c, k, cfg, chunk).await }
-                })
-                .await?,
-            );
-        }
-        Ok(out)
+        let (k, cfg) = (&self.keys(queue), self.cfg(queue));
+        // re-sending the same ids is harmless: existing ids are answered, not re-created
+        self.batched(&encoded, |mut c, chunk| async move {
+            scripts::enqueue(&mut c, k, cfg, chunk).await
+        })
+        .await
     }
 
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         // not retried: a claim whose reply was lost is recovered by the reaper, and a blind
         // retry would claim a second batch
         let reply =
-            scripts::claim(&mut self.conn(), &k, self.cfg(queue), max.clamp(1, MAX_BATCH), lease)
+            scripts::claim(&mut self.conn(), k, self.cfg(queue), max.clamp(1, MAX_BATCH), lease)
                 .await?;
         reply
             .tasks
@@ -381,65 +388,44 @@ impl Store for RedisStore {
         leases: &[(TaskId, ClaimToken)],
         lease: Duration,
     ) -> Result<Vec<bool>> {
-        let k = self.keys(queue);
-        let mut out = Vec::with_capacity(leases.len());
-        for chunk in leases.chunks(MAX_BATCH) {
-            let k = &k;
-            out.extend(
-                self.retrying(|mut c| async move { scripts::renew(&mut c, k, chunk, lease).await })
-                    .await?,
-            );
-        }
-        Ok(out)
+        let k = &self.keys(queue);
+        self.batched(
+            leases,
+            |mut c, chunk| async move { scripts::renew(&mut c, k, chunk, lease).await },
+        )
+        .await
     }
 
     async fn complete(&self, queue: &QueueName, items: &[Completion]) -> Result<Vec<Settled>> {
-        let k = self.keys(queue);
-        let cfg = self.cfg(queue);
-        let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(MAX_BATCH) {
-            let k = &k;
-            out.extend(
-                self.retrying(
-                    |mut c| async move { scripts::complete(&mut c, k, cfg, chunk).await },
-                )
-                .await?,
-            );
-        }
-        Ok(out)
+        let (k, cfg) = (&self.keys(queue), self.cfg(queue));
+        self.batched(
+            items,
+            |mut c, chunk| async move { scripts::complete(&mut c, k, cfg, chunk).await },
+        )
+        .await
     }
 
     async fn fail(&self, queue: &QueueName, items: &[Failure]) -> Result<Vec<Settled>> {
-        let k = self.keys(queue);
-        let cfg = self.cfg(queue);
-        let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(MAX_BATCH) {
-            let k = &k;
-            out.extend(
-                self.retrying(|mut c| async move { scripts::fail(&mut c, k, cfg, chunk).await })
-                    .await?,
-            );
-        }
-        Ok(out)
+        let (k, cfg) = (&self.keys(queue), self.cfg(queue));
+        self.batched(
+            items,
+            |mut c, chunk| async move { scripts::fail(&mut c, k, cfg, chunk).await },
+        )
+        .await
     }
 
     async fn release(&self, queue: &QueueName, items: &[Release]) -> Result<Vec<Settled>> {
-        let k = self.keys(queue);
-        let cfg = self.cfg(queue);
-        let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(MAX_BATCH) {
-            let k = &k;
-            out.extend(
-                self.retrying(|mut c| async move { scripts::release(&mut c, k, cfg, chunk).await })
-                    .await?,
-            );
-        }
-        Ok(out)
+        let (k, cfg) = (&self.keys(queue), self.cfg(queue));
+        self.batched(
+            items,
+            |mut c, chunk| async move { scripts::release(&mut c, k, cfg, chunk).await },
+        )
+        .await
     }
 
     async fn cancel(&self, queue: &QueueName, id: TaskId) -> Result<CancelOutcome> {
-        let k = self.keys(queue);
-        let (code, state) = scripts::cancel(&mut self.conn(), &k, self.cfg(queue), id).await?;
+        let k = &self.keys(queue);
+        let (code, state) = scripts::cancel(&mut self.conn(), k, self.cfg(queue), id).await?;
         match (code, state) {
             (1, Some(was)) => Ok(CancelOutcome::Cancelled { was }),
             (0, Some(st)) => Ok(CancelOutcome::AlreadyFinished(st)),
@@ -448,8 +434,8 @@ impl Store for RedisStore {
     }
 
     async fn retry(&self, queue: &QueueName, id: TaskId) -> Result<TaskState> {
-        let k = self.keys(queue);
-        match scripts::retry(&mut self.conn(), &k, self.cfg(queue), id).await? {
+        let k = &self.keys(queue);
+        match scripts::retry(&mut self.conn(), k, self.cfg(queue), id).await? {
             (1, Some(was)) => Ok(was),
             (0, Some(state)) => Err(Error::InvalidState { state }),
             _ => Err(Error::NotFound(id)),
@@ -457,44 +443,29 @@ impl Store for RedisStore {
     }
 
     async fn promote_due(&self, queue: &QueueName, max: usize) -> Result<u64> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         let cfg = self.cfg(queue);
         let max = max.clamp(1, MAX_BATCH);
-        self.retrying(|mut c| {
-            let k = &k;
-            async move { scripts::promote_due(&mut c, k, cfg, max).await }
-        })
-        .await
+        self.retrying(|mut c| async move { scripts::promote_due(&mut c, k, cfg, max).await }).await
     }
 
     async fn reap_expired(&self, queue: &QueueName, max: usize) -> Result<u64> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         let cfg = self.cfg(queue);
         let max = max.clamp(1, MAX_BATCH);
-        self.retrying(|mut c| {
-            let k = &k;
-            async move { scripts::reap_expired(&mut c, k, cfg, max).await }
-        })
-        .await
+        self.retrying(|mut c| async move { scripts::reap_expired(&mut c, k, cfg, max).await }).await
     }
 
     async fn trim(&self, queue: &QueueName) -> Result<u64> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         let cfg = self.cfg(queue);
-        self.retrying(|mut c| {
-            let k = &k;
-            async move { scripts::trim(&mut c, k, cfg).await }
-        })
-        .await
+        self.retrying(|mut c| async move { scripts::trim(&mut c, k, cfg).await }).await
     }
 
     async fn get(&self, queue: &QueueName, id: TaskId) -> Result<Option<Task>> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         let raw: Option<Vec<u8>> = self
-            .retrying(|mut c| {
-                let k = &k;
-                async move { Ok(c.hget(&k.tasks, id.as_bytes().as_slice()).await?) }
-            })
+            .retrying(|mut c| async move { Ok(c.hget(&k.tasks, id.as_bytes().as_slice()).await?) })
             .await?;
         raw.map(|r| record::decode(queue, id, &r).map(|r| r.task)).transpose()
     }
@@ -506,11 +477,11 @@ impl Store for RedisStore {
         cursor: u64,
         limit: usize,
     ) -> Result<Page> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         let limit = limit.clamp(1, MAX_BATCH);
         let (start, stop) = (cursor as isize, cursor as isize + limit as isize - 1);
         let ids: Vec<TaskId> = match k.holder(state) {
-            Holder::Ready => self.list_queued(&k, cursor, limit).await?,
+            Holder::Ready => self.list_queued(k, cursor, limit).await?,
             Holder::Zset(zset) => {
                 let raw: Vec<Vec<u8>> = self.conn().zrange(zset, start, stop).await?;
                 raw.iter().filter_map(|b| TaskId::from_slice(b)).collect()
@@ -522,31 +493,24 @@ impl Store for RedisStore {
             }
         };
         let next_cursor = (ids.len() == limit).then(|| cursor + limit as u64);
-        let recs = self.records(&k, &ids).await?;
+        let recs = self.records(k, &ids).await?;
         Ok(Page { tasks: self.decode_all(queue, &ids, recs)?, next_cursor })
     }
 
     async fn stats(&self, queue: &QueueName) -> Result<QueueStats> {
-        let k = self.keys(queue);
-        self.retrying(|mut c| {
-            let k = &k;
-            async move { scripts::stats(&mut c, k).await }
-        })
-        .await
+        let k = &self.keys(queue);
+        self.retrying(|mut c| async move { scripts::stats(&mut c, k).await }).await
     }
 
     async fn set_paused(&self, queue: &QueueName, paused: bool) -> Result<()> {
-        let k = self.keys(queue);
-        self.retrying(|mut c| {
-            let k = &k;
-            async move {
-                if paused {
-                    let _: () = c.hset(&k.meta, "paused", 1).await?;
-                } else {
-                    let _: () = c.hdel(&k.meta, "paused").await?;
-                }
-                Ok(())
+        let k = &self.keys(queue);
+        self.retrying(|mut c| async move {
+            if paused {
+                let _: () = c.hset(&k.meta, "paused", 1).await?;
+            } else {
+                let _: () = c.hdel(&k.meta, "paused").await?;
             }
+            Ok(())
         })
         .await
     }
@@ -558,15 +522,12 @@ impl Store for RedisStore {
         max: usize,
         block: Option<Duration>,
     ) -> Result<Vec<Event>> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         let max = max.clamp(1, MAX_BATCH);
         // the entry holding `after` may have events past it: read from it, inclusively
-        let start = after.map_or_else(|| "-".to_owned(), |id| id.entry());
+        let start = &after.map_or_else(|| "-".to_owned(), |id| id.entry());
         let reply: StreamRangeReply = self
-            .retrying(|mut c| {
-                let (k, start) = (&k, &start);
-                async move { Ok(c.xrange_count(&k.events, start, "+", max).await?) }
-            })
+            .retrying(|mut c| async move { Ok(c.xrange_count(&k.events, start, "+", max).await?) })
             .await?;
         let mut out = self.expand(queue, &reply.ids, after, max)?;
         if let (true, Some(block)) = (out.is_empty(), block) {
@@ -588,12 +549,9 @@ impl Store for RedisStore {
     }
 
     async fn last_event_id(&self, queue: &QueueName) -> Result<Option<EventId>> {
-        let k = self.keys(queue);
+        let k = &self.keys(queue);
         let reply: StreamRangeReply = self
-            .retrying(|mut c| {
-                let k = &k;
-                async move { Ok(c.xrevrange_count(&k.events, "+", "-", 1).await?) }
-            })
+            .retrying(|mut c| async move { Ok(c.xrevrange_count(&k.events, "+", "-", 1).await?) })
             .await?;
         Ok(match reply.ids.first() {
             Some(entry) => parse_entry(queue, entry)?.last().map(|e| e.id),
