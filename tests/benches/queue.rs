@@ -4,7 +4,8 @@
 //! cycle/s, Redis commands per task (INFO commandstats, commands inside scripts included),
 //! client round trips per task, and bytes of Redis memory per queued task.
 //!
-//! `cargo bench -p mcpq-tests --bench queue [-- --tasks N --runs N --workers N --batch N]`
+//! `cargo bench -p mcpq-tests --bench queue [-- --tasks N --runs N --workers N --batch N
+//! --enqueue-batch N --verbose]`
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +17,6 @@ use mcpq_queue::{Completion, NewTask, QueueName, RedisStore, Store};
 use mcpq_tests::RedisServer;
 use serde_json::{Value, json};
 
-const BATCH_ENQUEUE: usize = 1000;
 const PRODUCERS: usize = 2;
 const LEASE: Duration = Duration::from_secs(60);
 
@@ -86,7 +86,8 @@ fn noop() -> NewTask {
     NewTask::tool("noop", Value::Null)
 }
 
-async fn enqueue_all(store: &RedisStore, q: &QueueName, n: usize, producers: usize) -> Result<()> {
+async fn enqueue_all(store: &RedisStore, q: &QueueName, n: usize, shape: Shape) -> Result<()> {
+    let producers = PRODUCERS;
     let per = n.div_ceil(producers);
     let mut handles = Vec::new();
     for p in 0..producers {
@@ -95,7 +96,7 @@ async fn enqueue_all(store: &RedisStore, q: &QueueName, n: usize, producers: usi
         handles.push(tokio::spawn(async move {
             let mut left = count;
             while left > 0 {
-                let batch: Vec<_> = (0..left.min(BATCH_ENQUEUE)).map(|_| noop()).collect();
+                let batch: Vec<_> = (0..left.min(shape.enqueue_batch)).map(|_| noop()).collect();
                 left -= batch.len();
                 store.enqueue(&q, &batch).await?;
             }
@@ -113,6 +114,7 @@ async fn enqueue_all(store: &RedisStore, q: &QueueName, n: usize, producers: usi
 struct Shape {
     workers: usize,
     batch: usize,
+    enqueue_batch: usize,
 }
 
 /// Claims and completes until `target` tasks are done in total.
@@ -167,7 +169,7 @@ async fn run_once(n: usize, shape: Shape) -> Result<Figures> {
     let mem_before = used_memory(&mut raw)?;
 
     let t = Instant::now();
-    enqueue_all(&store, &q, n, PRODUCERS).await?;
+    enqueue_all(&store, &q, n, shape).await?;
     let enqueue_s = t.elapsed().as_secs_f64();
     let mem_after = used_memory(&mut raw)?;
     let verbose = std::env::args().any(|a| a == "--verbose");
@@ -207,7 +209,7 @@ async fn run_once(n: usize, shape: Shape) -> Result<Figures> {
     let t = Instant::now();
     let producer = {
         let (store, q2) = (store.clone(), q2.clone());
-        tokio::spawn(async move { enqueue_all(&store, &q2, n, PRODUCERS).await })
+        tokio::spawn(async move { enqueue_all(&store, &q2, n, shape).await })
     };
     drain(&store, &q2, n, shape).await?;
     producer.await??;
@@ -261,14 +263,17 @@ fn print_row(label: &str, f: &Figures) {
 fn main() -> Result<()> {
     let n = arg("--tasks", 50_000)?;
     let runs = arg("--runs", 3)?.max(1);
-    let shape =
-        Shape { workers: arg("--workers", 4)?.max(1), batch: arg("--batch", 250)?.clamp(1, 1000) };
+    let shape = Shape {
+        workers: arg("--workers", 4)?.max(1),
+        batch: arg("--batch", 250)?.clamp(1, 1000),
+        enqueue_batch: arg("--enqueue-batch", 1000)?.clamp(1, 1000),
+    };
     // one client thread: Redis keeps the other core to itself
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     println!(
-        "mcpq-queue Redis store, {n} no-op tasks, enqueue batch {BATCH_ENQUEUE} x {PRODUCERS} producers, \
+        "mcpq-queue Redis store, {n} no-op tasks, enqueue batch {} x {PRODUCERS} producers, \
          claim/complete batch {} x {} workers",
-        shape.batch, shape.workers
+        shape.enqueue_batch, shape.batch, shape.workers
     );
     println!(
         "{:>6} {:>10} {:>16} {:>9} {:>10} {:>10} {:>9} {:>11} {:>10}",
