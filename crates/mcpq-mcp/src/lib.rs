@@ -1,3 +1,13 @@
-//! The MCP client mcpq dispatches through: wire-era detection, Streamable HTTP and legacy
-//! HTTP+SSE transports, auth, and the classification of every call's outcome
-//! (executed, not delivered, ambiguous). Empty until the client lands.
+//! The MCP client mcpq dispatches through: one [`McpClient`] per server, speaking Streamable
+//! HTTP in the stateless 2026-07-28 era or the session eras, with auth, size and time limits,
+//! and an [`Outcome`] for every request that says whether the call ran, did not, or may have.
+
+mod auth;
+mod client;
+pub mod config;
+mod outcome;
+mod sse;
+
+pub use client::{BuildError, CallMeta, Era, McpClient, SESSION_VERSION, STATELESS_VERSION};
+pub use config::{Auth, ConfigError, Secret, ServerConfig, Timeouts, TransportChoice};
+pub use outcome::{Outcome, RpcError};

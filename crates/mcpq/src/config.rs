@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use mcpq_mcp::ServerConfig;
 use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, StoreConfig};
 use serde::Deserialize;
 
@@ -24,6 +25,12 @@ pub enum Error {
     },
 }
 
+impl From<mcpq_mcp::ConfigError> for Error {
+    fn from(e: mcpq_mcp::ConfigError) -> Self {
+        Self::Invalid { key: e.key, message: e.message }
+    }
+}
+
 impl From<mcpq_queue::InvalidInput> for Error {
     fn from(e: mcpq_queue::InvalidInput) -> Self {
         Self::Invalid { key: e.field, message: e.message }
@@ -38,6 +45,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[queues.<name>]`.
     pub queues: HashMap<String, QueueConfig>,
+    /// `[[servers]]`.
+    pub servers: Vec<ServerConfig>,
 }
 
 impl Config {
@@ -84,6 +93,16 @@ impl Config {
                 message: e.message,
             })?;
             q.validate(name)?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            server.validate(&format!("servers[{i}]"))?;
+            if !names.insert(server.name.as_str()) {
+                return Err(Error::Invalid {
+                    key: format!("servers[{i}].name"),
+                    message: format!("{:?} is used by another server", server.name),
+                });
+            }
         }
         Ok(())
     }
@@ -143,6 +162,22 @@ mod tests {
             key_of(Config::from_toml("[queues.mail]\nmax_attempts = 0")),
             "queues.mail.max_attempts"
         );
+    }
+
+    #[test]
+    fn servers_are_checked_and_their_names_unique() {
+        let one = "[[servers]]\nname = \"a\"\nurl = \"http://127.0.0.1:8001/mcp\"\n";
+        let cfg = Config::from_toml(one).unwrap();
+        assert_eq!(cfg.servers[0].max_concurrency, 32);
+        assert_eq!(key_of(Config::from_toml(&format!("{one}{one}"))), "servers[1].name");
+        let bad = "[[servers]]\nname = \"a\"\nurl = \"nope\"\n";
+        assert_eq!(key_of(Config::from_toml(bad)), "servers[0].url");
+        let e = Config::from_toml(
+            "[[servers]]\nname = \"a\"\nurl = \"http://h/\"\nmax_concurency = 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_concurency"), "{e}");
     }
 
     #[test]

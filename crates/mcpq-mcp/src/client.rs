@@ -1,0 +1,654 @@
+//! [`McpClient`]: one MCP server over Streamable HTTP, in the stateless 2026-07-28 era or the
+//! session eras (2025-03-26 … 2025-11-25). It owns the HTTP pool, the session and the era, and
+//! classifies every request's outcome. Many requests may be in flight at once; the session is
+//! opened by one of them while the others wait for it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use serde_json::{Map, Value, json};
+use tokio::sync::{Mutex, RwLock};
+use tokio::time::Instant;
+
+use crate::auth::Authenticator;
+use crate::config::{ServerConfig, TransportChoice};
+use crate::outcome::{Outcome, RpcError};
+use crate::sse::SseParser;
+
+/// The newest protocol revision, stateless.
+pub const STATELESS_VERSION: &str = "2026-07-28";
+/// The newest session-based revision; older servers answer `initialize` with theirs.
+pub const SESSION_VERSION: &str = "2025-11-25";
+const SESSION_HEADER: &str = "mcp-session-id";
+const VERSION_HEADER: &str = "mcp-protocol-version";
+
+/// The wire era a server speaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Era {
+    /// 2026-07-28: no session; every request carries its version in `_meta`.
+    Stateless,
+    /// 2025-03-26 … 2025-11-25: `initialize`, then requests under `Mcp-Session-Id`.
+    Session {
+        /// The revision the server chose.
+        version: String,
+    },
+}
+
+/// Who is asking: carried in every request's `_meta`, so tools that care can de-duplicate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallMeta {
+    /// The mcpq task id.
+    pub task: Option<String>,
+    /// The attempt number.
+    pub attempt: Option<u32>,
+}
+
+/// The session of a session-era server.
+#[derive(Clone, Debug)]
+struct Session {
+    id: Option<String>,
+    version: String,
+}
+
+#[derive(Clone, Debug)]
+enum Link {
+    Stateless,
+    Session(Session),
+}
+
+/// A client for one MCP server. Cheap to clone.
+#[derive(Clone)]
+pub struct McpClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ServerConfig,
+    http: reqwest::Client,
+    auth: Authenticator,
+    next_id: AtomicU64,
+    link: RwLock<Option<Link>>,
+    // single flight: one request opens the link while the others wait for it
+    opening: Mutex<()>,
+}
+
+impl std::fmt::Debug for McpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpClient").field("server", &self.inner.cfg.name).finish()
+    }
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client for server {server}")]
+pub struct BuildError {
+    server: String,
+    #[source]
+    source: reqwest::Error,
+}
+
+/// The parts of one exchange that a caller chooses.
+struct Exchange<'a> {
+    method: &'a str,
+    params: Value,
+    /// `Mcp-Name`: the tool, prompt or resource a stateless request is about.
+    name: Option<&'a str>,
+    /// A notification expects no answer.
+    notification: bool,
+}
+
+impl McpClient {
+    /// A client for `cfg` (validate it first). Connects lazily, on the first request.
+    pub fn new(cfg: ServerConfig) -> Result<Self, BuildError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|source| BuildError { server: cfg.name.clone(), source })?;
+        let auth = Authenticator::new(cfg.auth.clone(), http.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                http,
+                auth,
+                next_id: AtomicU64::new(1),
+                link: RwLock::new(None),
+                opening: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The server's configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.cfg
+    }
+
+    /// The era detected so far (`None` before the first successful connection).
+    pub async fn era(&self) -> Option<Era> {
+        self.inner.link.read().await.as_ref().map(|l| match l {
+            Link::Stateless => Era::Stateless,
+            Link::Session(s) => Era::Session { version: s.version.clone() },
+        })
+    }
+
+    /// Forgets the session and the era: the next request probes again (after a reconnect).
+    pub async fn reset(&self) {
+        *self.inner.link.write().await = None;
+    }
+
+    /// `tools/call`; the result is the MCP `CallToolResult` object (check its `isError`).
+    pub async fn call_tool(&self, name: &str, arguments: Value, meta: &CallMeta) -> Outcome<Value> {
+        let params = json!({ "name": name, "arguments": arguments });
+        self.request("tools/call", params, Some(name), meta).await
+    }
+
+    /// `resources/read`.
+    pub async fn read_resource(&self, uri: &str, meta: &CallMeta) -> Outcome<Value> {
+        self.request("resources/read", json!({ "uri": uri }), Some(uri), meta).await
+    }
+
+    /// `prompts/get`.
+    pub async fn get_prompt(
+        &self,
+        name: &str,
+        arguments: Value,
+        meta: &CallMeta,
+    ) -> Outcome<Value> {
+        let params = json!({ "name": name, "arguments": arguments });
+        self.request("prompts/get", params, Some(name), meta).await
+    }
+
+    /// `tools/list`, every page.
+    pub async fn list_tools(&self) -> Outcome<Vec<Value>> {
+        let mut tools = Vec::new();
+        let mut cursor: Option<String> = None;
+        // bounded: a server that keeps handing out cursors is cut off
+        for _ in 0..1000 {
+            let params = match &cursor {
+                Some(c) => json!({ "cursor": c }),
+                None => json!({}),
+            };
+            let page = match self.request("tools/list", params, None, &CallMeta::default()).await {
+                Outcome::Executed(Ok(v)) => v,
+                other => return other.map(|_| Vec::new()),
+            };
+            match page.get("tools") {
+                Some(Value::Array(list)) => tools.extend(list.iter().cloned()),
+                _ => return Outcome::ambiguous("tools/list answered without a tools array"),
+            }
+            cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_owned);
+            if cursor.is_none() {
+                return Outcome::Executed(Ok(tools));
+            }
+        }
+        Outcome::ambiguous("tools/list paged more than 1000 times")
+    }
+
+    /// A health probe: `server/discover` on the stateless era, `ping` on session eras.
+    pub async fn probe(&self) -> Outcome<()> {
+        let method = match self.ensure_link().await {
+            Ok(Link::Stateless) => "server/discover",
+            Ok(Link::Session(_)) => "ping",
+            Err(o) => return o.map(|_| ()),
+        };
+        self.request(method, json!({}), None, &CallMeta::default()).await.map(|_| ())
+    }
+
+    /// Sends one request and classifies what became of it.
+    pub async fn request(
+        &self,
+        method: &str,
+        params: Value,
+        name: Option<&str>,
+        meta: &CallMeta,
+    ) -> Outcome<Value> {
+        let link = match self.ensure_link().await {
+            Ok(link) => link,
+            Err(o) => return o,
+        };
+        let params = with_meta(params, meta, &link);
+        let ex = Exchange { method, params, name, notification: false };
+        let outcome = self.send(&link, &ex).await;
+        if let (Link::Session(s), Outcome::NotDelivered { reason, .. }) = (&link, &outcome)
+            && reason == SESSION_EXPIRED
+        {
+            // the server forgot the session: the request was not processed; open a new one
+            // for the next request (unless another request already did)
+            let mut guard = self.inner.link.write().await;
+            if let Some(Link::Session(cur)) = guard.as_ref()
+                && cur.id == s.id
+            {
+                *guard = None;
+            }
+        }
+        outcome
+    }
+
+    async fn ensure_link(&self) -> Result<Link, Outcome<Value>> {
+        if let Some(link) = self.inner.link.read().await.clone() {
+            return Ok(link);
+        }
+        let _one = self.inner.opening.lock().await;
+        if let Some(link) = self.inner.link.read().await.clone() {
+            return Ok(link);
+        }
+        let link = self.open().await?;
+        *self.inner.link.write().await = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Probes the era (newest first when the transport is `auto`) and opens a session if the
+    /// server needs one.
+    async fn open(&self) -> Result<Link, Outcome<Value>> {
+        if self.inner.cfg.transport == TransportChoice::Sse {
+            return Err(Outcome::not_delivered(
+                "the legacy HTTP+SSE transport is not supported yet",
+            ));
+        }
+        let discover = Exchange {
+            method: "server/discover",
+            params: with_meta(json!({}), &CallMeta::default(), &Link::Stateless),
+            name: None,
+            notification: false,
+        };
+        match self.send(&Link::Stateless, &discover).await {
+            Outcome::Executed(Ok(_)) => return Ok(Link::Stateless),
+            // a connection that fails is no answer about the era
+            Outcome::NotDelivered { reason, retry_after } if is_unreachable(&reason) => {
+                return Err(Outcome::NotDelivered { reason, retry_after });
+            }
+            // anything else (400, 404, 405, a JSON-RPC error, an odd answer) means an older
+            // server: fall back to initialize
+            _ => {}
+        }
+        self.initialize().await.map(Link::Session)
+    }
+
+    async fn initialize(&self) -> Result<Session, Outcome<Value>> {
+        let params = json!({
+            "protocolVersion": SESSION_VERSION,
+            "capabilities": {},
+            "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
+        });
+        let fresh = Session { id: None, version: SESSION_VERSION.to_owned() };
+        let ex = Exchange { method: "initialize", params, name: None, notification: false };
+        let (result, headers) = match self.exchange(&Link::Session(fresh), &ex).await {
+            (Outcome::Executed(Ok(v)), h) => (v, h),
+            (Outcome::Executed(Err(e)), _) => {
+                return Err(Outcome::not_delivered(format!("initialize refused: {e}")));
+            }
+            (other, _) => return Err(other),
+        };
+        let version = result
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(SESSION_VERSION)
+            .to_owned();
+        let id = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let session = Session { id, version };
+        let link = Link::Session(session.clone());
+        let note = Exchange {
+            method: "notifications/initialized",
+            params: json!({}),
+            name: None,
+            notification: true,
+        };
+        match self.send(&link, &note).await {
+            Outcome::Executed(_) => Ok(session),
+            other => Err(other),
+        }
+    }
+
+    async fn send(&self, link: &Link, ex: &Exchange<'_>) -> Outcome<Value> {
+        self.exchange(link, ex).await.0
+    }
+
+    /// One POST: the outcome, and the response headers when there was a response.
+    async fn exchange(&self, link: &Link, ex: &Exchange<'_>) -> (Outcome<Value>, HeaderMap) {
+        let cfg = &self.inner.cfg;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut body = json!({ "jsonrpc": "2.0", "method": ex.method, "params": ex.params });
+        if !ex.notification {
+            body["id"] = json!(id);
+        }
+        let body = match serde_json::to_vec(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return (
+                    Outcome::not_delivered(format!("cannot encode request: {e}")),
+                    HeaderMap::new(),
+                );
+            }
+        };
+        let deadline = Instant::now() + cfg.request_timeout();
+        let mut refreshed = false;
+        loop {
+            let req = self.post(link, ex, body.clone()).await;
+            let req = match req {
+                Ok(r) => r,
+                Err(o) => return (o, HeaderMap::new()),
+            };
+            let sent = tokio::time::timeout_at(deadline, req.send()).await;
+            let resp = match sent {
+                Err(_) => {
+                    self.cancel_later(link, id, ex.notification);
+                    return (
+                        Outcome::ambiguous("timed out waiting for the response"),
+                        HeaderMap::new(),
+                    );
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    return (
+                        Outcome::not_delivered(format!("{UNREACHABLE}: {}", source_text(&e))),
+                        HeaderMap::new(),
+                    );
+                }
+                Ok(Err(e)) => {
+                    return (
+                        Outcome::ambiguous(format!("request failed: {}", source_text(&e))),
+                        HeaderMap::new(),
+                    );
+                }
+                Ok(Ok(r)) => r,
+            };
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            if status == StatusCode::UNAUTHORIZED && !refreshed && self.inner.auth.can_refresh() {
+                // a stale token: refresh once and send again (a 401 was not processed)
+                refreshed = true;
+                self.inner.auth.invalidate().await;
+                continue;
+            }
+            if let Some(o) = classify_status(status, &headers, link) {
+                return (o, headers);
+            }
+            if ex.notification {
+                return (Outcome::Executed(Ok(Value::Null)), headers);
+            }
+            let is_sse = headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+            let outcome = self.read_answer(resp, id, is_sse, deadline).await;
+            if matches!(outcome, Outcome::Ambiguous { .. }) {
+                self.cancel_later(link, id, false);
+            }
+            return (outcome, headers);
+        }
+    }
+
+    async fn post(
+        &self,
+        link: &Link,
+        ex: &Exchange<'_>,
+        body: Vec<u8>,
+    ) -> Result<reqwest::RequestBuilder, Outcome<Value>> {
+        let mut req = self
+            .inner
+            .http
+            .post(&self.inner.cfg.url)
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json, text/event-stream")
+            .body(body);
+        match link {
+            Link::Stateless => {
+                req = req.header(VERSION_HEADER, STATELESS_VERSION).header("mcp-method", ex.method);
+                if let Some(name) = ex.name.and_then(|n| HeaderValue::from_str(n).ok()) {
+                    req = req.header("mcp-name", name);
+                }
+            }
+            Link::Session(s) => {
+                // 2025-03-26 has no version header; later revisions require it after initialize
+                if ex.method != "initialize" && s.version.as_str() > "2025-03-26" {
+                    req = req.header(VERSION_HEADER, s.version.as_str());
+                }
+                if let Some(id) = &s.id {
+                    req = req.header(SESSION_HEADER, id.as_str());
+                }
+            }
+        }
+        self.inner.auth.apply(req).await.map_err(Outcome::not_delivered)
+    }
+
+    /// Reads a JSON or SSE answer up to the response with `id`, within the size cap, the idle
+    /// limit (progress restarts it) and the request deadline.
+    async fn read_answer(
+        &self,
+        resp: reqwest::Response,
+        id: u64,
+        sse: bool,
+        deadline: Instant,
+    ) -> Outcome<Value> {
+        let cfg = &self.inner.cfg;
+        let cap = cfg.max_response_bytes;
+        if resp.content_length().is_some_and(|n| n > cap as u64) {
+            return Outcome::ambiguous(format!("response larger than {cap} bytes"));
+        }
+        let mut stream = resp.bytes_stream();
+        let mut parser = SseParser::default();
+        let mut json_body = Vec::new();
+        let mut seen = 0usize;
+        loop {
+            let idle = Instant::now() + cfg.idle_timeout();
+            let chunk = match tokio::time::timeout_at(idle.min(deadline), stream.next()).await {
+                Err(_) => return Outcome::ambiguous("timed out reading the response"),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Outcome::ambiguous(format!("response cut: {}", source_text(&e)));
+                }
+                Ok(Some(Ok(c))) => c,
+            };
+            seen += chunk.len();
+            if seen > cap {
+                return Outcome::ambiguous(format!("response larger than {cap} bytes"));
+            }
+            if !sse {
+                json_body.extend_from_slice(&chunk);
+                continue;
+            }
+            for event in parser.push(&chunk) {
+                if event.data.is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Value>(&event.data) {
+                    Ok(msg) => {
+                        if let Some(o) = answer_to(&msg, id) {
+                            return o;
+                        }
+                        // progress and other notifications: keep reading (the idle limit
+                        // restarts with every chunk)
+                    }
+                    Err(e) => return Outcome::ambiguous(format!("malformed event data: {e}")),
+                }
+            }
+        }
+        if sse {
+            return Outcome::ambiguous("stream ended before the response");
+        }
+        match serde_json::from_slice::<Value>(&json_body) {
+            Ok(msg) => answer_to(&msg, id)
+                .unwrap_or_else(|| Outcome::ambiguous("the response answers another request")),
+            Err(e) => Outcome::ambiguous(format!("malformed JSON-RPC response: {e}")),
+        }
+    }
+
+    /// Tells a session server to stop working on `id`, in the background, best effort.
+    fn cancel_later(&self, link: &Link, id: u64, notification: bool) {
+        let Link::Session(_) = link else { return };
+        if notification {
+            return;
+        }
+        let (client, link) = (self.clone(), link.clone());
+        tokio::spawn(async move {
+            let ex = Exchange {
+                method: "notifications/cancelled",
+                params: json!({ "requestId": id, "reason": "timed out" }),
+                name: None,
+                notification: true,
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.send(&link, &ex)).await;
+        });
+    }
+}
+
+const SESSION_EXPIRED: &str = "session expired";
+const UNREACHABLE: &str = "unreachable";
+
+fn is_unreachable(reason: &str) -> bool {
+    reason.starts_with(UNREACHABLE)
+}
+
+/// The full error chain, for reasons people read.
+fn source_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+/// Adds mcpq's `_meta` (and, on the stateless era, the protocol's) to request params.
+fn with_meta(params: Value, meta: &CallMeta, link: &Link) -> Value {
+    let mut params = match params {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let mut m = match params.remove("_meta") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    if let Some(task) = &meta.task {
+        m.insert("mcpq/task".into(), json!(task));
+    }
+    if let Some(attempt) = meta.attempt {
+        m.insert("mcpq/attempt".into(), json!(attempt));
+    }
+    if let Link::Stateless = link {
+        m.insert("io.modelcontextprotocol/protocolVersion".into(), json!(STATELESS_VERSION));
+        m.insert("io.modelcontextprotocol/clientCapabilities".into(), json!({}));
+        m.insert(
+            "io.modelcontextprotocol/clientInfo".into(),
+            json!({ "name": "mcpq", "version": env!("CARGO_PKG_VERSION") }),
+        );
+    }
+    if !m.is_empty() {
+        params.insert("_meta".into(), Value::Object(m));
+    }
+    Value::Object(params)
+}
+
+/// The outcome a status alone decides, if it does.
+fn classify_status(status: StatusCode, headers: &HeaderMap, link: &Link) -> Option<Outcome<Value>> {
+    if status.is_success() {
+        return None;
+    }
+    let retry_after = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let code = status.as_u16();
+    Some(match code {
+        404 if matches!(link, Link::Session(Session { id: Some(_), .. })) => {
+            Outcome::not_delivered(SESSION_EXPIRED)
+        }
+        429 | 503 => Outcome::NotDelivered { reason: format!("server busy ({code})"), retry_after },
+        // refused before execution
+        400..=499 => Outcome::not_delivered(format!("rejected with {status}")),
+        // a server or proxy error: the request may have run
+        _ => Outcome::ambiguous(format!("server error {status}")),
+    })
+}
+
+/// The outcome carried by `msg` if it is the response to `id`.
+fn answer_to(msg: &Value, id: u64) -> Option<Outcome<Value>> {
+    if msg.get("id").and_then(Value::as_u64) != Some(id) || msg.get("method").is_some() {
+        return None;
+    }
+    if let Some(result) = msg.get("result") {
+        return Some(Outcome::Executed(Ok(result.clone())));
+    }
+    match msg.get("error").map(|e| serde_json::from_value::<RpcError>(e.clone())) {
+        Some(Ok(e)) => Some(Outcome::Executed(Err(e))),
+        _ => Some(Outcome::ambiguous("response with neither result nor error")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        let session =
+            Link::Session(Session { id: Some("s".into()), version: SESSION_VERSION.into() });
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        let c =
+            |code: u16, link: &Link| classify_status(StatusCode::from_u16(code).unwrap(), &h, link);
+        assert_eq!(c(200, &session), None);
+        assert_eq!(c(404, &session), Some(Outcome::not_delivered(SESSION_EXPIRED)));
+        assert!(matches!(c(404, &Link::Stateless), Some(Outcome::NotDelivered { .. })));
+        assert_eq!(
+            c(429, &session),
+            Some(Outcome::NotDelivered {
+                reason: "server busy (429)".into(),
+                retry_after: Some(Duration::from_secs(7))
+            })
+        );
+        assert!(matches!(
+            c(503, &session),
+            Some(Outcome::NotDelivered { retry_after: Some(_), .. })
+        ));
+        assert!(matches!(c(400, &session), Some(Outcome::NotDelivered { .. })));
+        assert!(matches!(c(500, &session), Some(Outcome::Ambiguous { .. })));
+        assert!(matches!(c(502, &session), Some(Outcome::Ambiguous { .. })));
+    }
+
+    #[test]
+    fn answers_match_their_request_id() {
+        assert_eq!(
+            answer_to(&json!({"jsonrpc": "2.0", "id": 3, "result": {"x": 1}}), 3),
+            Some(Outcome::Executed(Ok(json!({"x": 1}))))
+        );
+        assert_eq!(answer_to(&json!({"jsonrpc": "2.0", "id": 4, "result": {}}), 3), None);
+        assert_eq!(
+            answer_to(&json!({"jsonrpc": "2.0", "method": "notifications/progress"}), 3),
+            None
+        );
+        let err = answer_to(
+            &json!({"jsonrpc": "2.0", "id": 3, "error": {"code": -32601, "message": "no"}}),
+            3,
+        );
+        assert!(matches!(err, Some(Outcome::Executed(Err(RpcError { code: -32601, .. })))));
+        assert!(matches!(
+            answer_to(&json!({"jsonrpc": "2.0", "id": 3}), 3),
+            Some(Outcome::Ambiguous { .. })
+        ));
+    }
+
+    #[test]
+    fn meta_carries_the_task_and_on_stateless_the_protocol() {
+        let meta = CallMeta { task: Some("t1".into()), attempt: Some(2) };
+        let p = with_meta(
+            json!({"name": "echo", "_meta": {"progressToken": 1}}),
+            &meta,
+            &Link::Stateless,
+        );
+        assert_eq!(p["_meta"]["mcpq/task"], "t1");
+        assert_eq!(p["_meta"]["mcpq/attempt"], 2);
+        assert_eq!(p["_meta"]["progressToken"], 1);
+        assert_eq!(p["_meta"]["io.modelcontextprotocol/protocolVersion"], STATELESS_VERSION);
+        let s = Link::Session(Session { id: None, version: SESSION_VERSION.into() });
+        let p = with_meta(json!({}), &CallMeta::default(), &s);
+        assert!(p.get("_meta").is_none());
+    }
+}
