@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, RedisStore, StoreConfig};
 
+pub mod mcp;
+
 /// A redis-server owned by one test.
 pub struct RedisServer {
     child: Child,
