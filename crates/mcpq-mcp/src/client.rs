@@ -250,6 +250,11 @@ impl McpClient {
                 "the legacy HTTP+SSE transport is not supported yet",
             ));
         }
+        match self.inner.cfg.protocol_version.as_deref() {
+            Some(STATELESS_VERSION) => return Ok(Link::Stateless),
+            Some(version) => return self.initialize(version).await.map(Link::Session),
+            None => {}
+        }
         let discover = Exchange {
             method: "server/discover",
             params: with_meta(json!({}), &CallMeta::default(), &Link::Stateless),
@@ -266,16 +271,16 @@ impl McpClient {
             // server: fall back to initialize
             _ => {}
         }
-        self.initialize().await.map(Link::Session)
+        self.initialize(SESSION_VERSION).await.map(Link::Session)
     }
 
-    async fn initialize(&self) -> Result<Session, Outcome<Value>> {
+    async fn initialize(&self, version: &str) -> Result<Session, Outcome<Value>> {
         let params = json!({
-            "protocolVersion": SESSION_VERSION,
+            "protocolVersion": version,
             "capabilities": {},
             "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
         });
-        let fresh = Session { id: None, version: SESSION_VERSION.to_owned() };
+        let fresh = Session { id: None, version: version.to_owned() };
         let ex = Exchange { method: "initialize", params, name: None, notification: false };
         let (result, headers) = match self.exchange(&Link::Session(fresh), &ex).await {
             (Outcome::Executed(Ok(v)), h) => (v, h),
@@ -284,11 +289,8 @@ impl McpClient {
             }
             (other, _) => return Err(other),
         };
-        let version = result
-            .get("protocolVersion")
-            .and_then(Value::as_str)
-            .unwrap_or(SESSION_VERSION)
-            .to_owned();
+        let version =
+            result.get("protocolVersion").and_then(Value::as_str).unwrap_or(version).to_owned();
         let id = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let session = Session { id, version };
         let link = Link::Session(session.clone());

@@ -111,6 +111,10 @@ pub struct ServerConfig {
     /// Wire era.
     #[serde(default)]
     pub transport: TransportChoice,
+    /// Pins a protocol revision instead of probing: `2026-07-28` (stateless) or a session
+    /// revision (`2025-11-25`, `2025-06-18`, `2025-03-26`).
+    #[serde(default)]
+    pub protocol_version: Option<String>,
     /// Credentials.
     #[serde(default)]
     pub auth: Auth,
@@ -147,6 +151,9 @@ fn four_mib() -> usize {
     4 * 1024 * 1024
 }
 
+/// The revisions `protocol_version` may pin.
+pub const PROTOCOL_VERSIONS: [&str; 4] = ["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26"];
+
 /// A `[[servers]]` value out of range: the key and what is allowed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {message}")]
@@ -164,6 +171,7 @@ impl ServerConfig {
             name: name.into(),
             url: url.into(),
             transport: TransportChoice::Auto,
+            protocol_version: None,
             auth: Auth::None,
             tags: Vec::new(),
             weight: one(),
@@ -191,6 +199,11 @@ impl ServerConfig {
         match reqwest::Url::parse(&self.url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             _ => return err("url", format!("{:?} is not an http:// or https:// URL", self.url)),
+        }
+        if let Some(v) = &self.protocol_version
+            && !PROTOCOL_VERSIONS.contains(&v.as_str())
+        {
+            return err("protocol_version", format!("{v:?} is not one of {PROTOCOL_VERSIONS:?}"));
         }
         if self.max_concurrency == 0 || self.max_concurrency > 10_000 {
             return err(
@@ -274,6 +287,8 @@ mod tests {
             key(ServerConfig { timeouts: t, ..base.clone() }),
             "servers[0].timeouts.request_ms"
         );
+        let pinned = ServerConfig { protocol_version: Some("2024-01-01".into()), ..base.clone() };
+        assert_eq!(key(pinned), "servers[0].protocol_version");
         let bad = Auth::ApiKey { header: "bad header".into(), value: Secret::new("k") };
         assert_eq!(key(ServerConfig { auth: bad, ..base.clone() }), "servers[0].auth.header");
         base.validate("servers[0]").unwrap();
