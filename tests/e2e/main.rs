@@ -1,6 +1,8 @@
 //! mcpq's end-to-end tests: one binary, real processes.
 
+mod mcp_auth;
 mod mcp_client;
+mod mcp_everything;
 mod mcp_server;
 mod store_conformance;
 mod store_input;

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use mcpq_mcp::{CallMeta, Era, McpClient, Outcome, ServerConfig, Timeouts};
+use mcpq_mcp::{CallMeta, Era, McpClient, Outcome, ServerConfig, Timeouts, TransportChoice};
+use mcpq_tests::legacy_server::LegacyServer;
 use mcpq_tests::mcp::{McpServer, Mode};
 use serde_json::{Value, json};
 
@@ -253,5 +254,75 @@ async fn many_calls_run_at_once_on_one_client() -> Result<()> {
         assert_eq!(text_of(&executed(r?)?), Some(format!("n{i}").as_str()));
     }
     assert_eq!(server.executions().len(), 64);
+    Ok(())
+}
+
+fn legacy_client(server: &LegacyServer, transport: TransportChoice) -> Result<McpClient> {
+    let mut cfg = ServerConfig::new("legacy", server.url());
+    cfg.transport = transport;
+    cfg.validate("servers[0]")?;
+    Ok(McpClient::new(cfg)?)
+}
+
+#[tokio::test]
+async fn legacy_sse_servers_answer_on_their_stream() -> Result<()> {
+    let server = LegacyServer::start().await?;
+    for transport in [TransportChoice::Sse, TransportChoice::Auto] {
+        let c = legacy_client(&server, transport)?;
+        let r = executed(c.call_tool("echo", json!({"text": "old"}), &meta("t-legacy", 3)).await)?;
+        assert_eq!(text_of(&r), Some("old"), "{transport:?}");
+        assert_eq!(
+            c.era().await,
+            Some(Era::Legacy),
+            "{transport:?}: auto falls back to the GET stream"
+        );
+        let tools = executed(c.list_tools().await.map(Value::from))?;
+        assert_eq!(tools[0]["name"], "echo");
+        assert_eq!(executed(c.probe().await.map(|()| Value::Null))?, Value::Null);
+        match c.request("no/such", json!({}), None, &CallMeta::default()).await {
+            Outcome::Executed(Err(e)) => assert_eq!(e.code, -32601),
+            other => bail!("expected a JSON-RPC error, got {other:?}"),
+        }
+    }
+    let runs = server.executions();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["_meta"]["mcpq/task"], "t-legacy");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_lost_legacy_stream_makes_waiting_calls_ambiguous_and_the_next_session_works()
+-> Result<()> {
+    let server = LegacyServer::start().await?;
+    let c = legacy_client(&server, TransportChoice::Sse)?;
+    executed(c.call_tool("echo", json!({"text": "warm"}), &CallMeta::default()).await)?;
+    server.hold_answers(true);
+    let waiting = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.call_tool("echo", json!({"text": "lost"}), &CallMeta::default()).await
+        })
+    };
+    mcpq_tests::eventually(Duration::from_secs(10), "the held call reaches the tool", || async {
+        Ok((server.executions().len() == 2).then_some(()))
+    })
+    .await?;
+    server.drop_streams();
+    assert!(matches!(waiting.await?, Outcome::Ambiguous { .. }), "its answer can never come");
+    server.hold_answers(false);
+    // the stream reconnects (a new session, initialized again) and calls go through
+    let r = mcpq_tests::eventually(Duration::from_secs(15), "a call on the new session", || {
+        let c = c.clone();
+        async move {
+            match c.call_tool("echo", json!({"text": "new"}), &CallMeta::default()).await {
+                Outcome::Executed(Ok(v)) => Ok(Some(v)),
+                Outcome::NotDelivered { .. } => Ok(None),
+                other => bail!("while reconnecting: {other:?}"),
+            }
+        }
+    })
+    .await?;
+    assert_eq!(text_of(&r), Some("new"));
+    assert!(server.streams_opened() >= 2);
     Ok(())
 }

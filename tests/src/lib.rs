@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, RedisStore, StoreConfig};
 
+pub mod auth_server;
+pub mod everything;
+pub mod legacy_server;
 pub mod mcp;
 
 /// A redis-server owned by one test.

@@ -1,7 +1,8 @@
 //! In-process MCP servers for end-to-end tests: rmcp's Streamable HTTP service on `127.0.0.1`,
 //! behind a fault layer that can reject, stall, cut, garble or bloat the next POSTs. Every
 //! `tools/call` that reaches a tool is recorded before it runs; faults are one-shot counters
-//! consumed by the next POSTs. A server keeps its port, record and faults across
+//! consumed by the next POSTs. An optional [`Gate`] checks credentials before any fault or
+//! rmcp sees a request. A server keeps its port, record, gate and faults across
 //! [`McpServer::restart`] and stops when dropped.
 
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use bytes::Bytes;
@@ -49,6 +50,16 @@ pub enum Mode {
     /// rmcp's stateless mode (`legacy_session_mode = false`, `json_response = true`): no
     /// sessions, every POST stands alone, replies are `application/json`.
     Stateless,
+}
+
+/// Decides whether a request's credentials admit it. A refused request (any method) gets
+/// HTTP 401 with `WWW-Authenticate: <challenge>`, consumes no fault and reaches nothing.
+pub trait Gate: Send + Sync + 'static {
+    /// True when `headers` carry an acceptable credential.
+    fn admits(&self, headers: &HeaderMap) -> bool;
+
+    /// The `WWW-Authenticate` value sent with a refusal, e.g. `Bearer realm="mcp"`.
+    fn challenge(&self) -> HeaderValue;
 }
 
 /// One `tools/call` as the tool saw it.
@@ -93,6 +104,7 @@ struct Shared {
     in_flight: AtomicUsize,
     plan: Mutex<Plan>,
     sessions: Mutex<Option<Arc<LocalSessionManager>>>,
+    gate: Option<Arc<dyn Gate>>,
 }
 
 #[derive(Default)]
@@ -135,10 +147,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl McpServer {
     /// Starts a server in `mode` on `127.0.0.1:0`.
     pub async fn start(mode: Mode) -> Result<Self> {
+        Self::start_with(mode, None).await
+    }
+
+    /// Starts a server in `mode` on `127.0.0.1:0` that admits only requests `gate` admits.
+    pub async fn start_gated(mode: Mode, gate: Arc<dyn Gate>) -> Result<Self> {
+        Self::start_with(mode, Some(gate)).await
+    }
+
+    async fn start_with(mode: Mode, gate: Option<Arc<dyn Gate>>) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared =
-            Arc::new(Shared { mode_json: mode == Mode::SessionJson, ..Default::default() });
+            Arc::new(Shared { mode_json: mode == Mode::SessionJson, gate, ..Default::default() });
         let running = spawn(listener, mode, &shared);
         Ok(Self { addr, mode, shared, running: Mutex::new(Some(running)) })
     }
@@ -163,7 +184,7 @@ impl McpServer {
         lock(&self.shared.executions).clone()
     }
 
-    /// POSTs seen on the endpoint so far, faulted ones included.
+    /// POSTs seen on the endpoint so far, faulted and refused ones included.
     pub fn posts(&self) -> u64 {
         self.shared.posts.load(Ordering::SeqCst)
     }
@@ -307,7 +328,7 @@ fn spawn(listener: TcpListener, mode: Mode, shared: &Arc<Shared>) -> Running {
 
 // Connections live in a JoinSet owned by this task, so aborting the task drops every open
 // connection with it; axum::serve would detach them.
-async fn serve(listener: TcpListener, router: axum::Router) {
+pub(crate) async fn serve(listener: TcpListener, router: axum::Router) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -343,10 +364,21 @@ async fn serve(listener: TcpListener, router: axum::Router) {
 }
 
 async fn fault_layer(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    if req.method() != Method::POST {
+    let post = req.method() == Method::POST;
+    if post {
+        shared.posts.fetch_add(1, Ordering::SeqCst);
+    }
+    // credentials are checked in front of everything, as an auth proxy would
+    if let Some(gate) = &shared.gate
+        && !gate.admits(req.headers())
+    {
+        let mut response = plain(StatusCode::UNAUTHORIZED, "missing or wrong credentials");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, gate.challenge());
+        return response;
+    }
+    if !post {
         return next.run(req).await;
     }
-    shared.posts.fetch_add(1, Ordering::SeqCst);
     let fault = lock(&shared.plan).take();
     match fault {
         Some(Fault::Reject(status, retry_after)) => {

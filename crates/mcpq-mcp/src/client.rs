@@ -14,8 +14,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Mutex, RwLock};
 use tokio::time::Instant;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, NO_CREDENTIALS};
 use crate::config::{ServerConfig, TransportChoice};
+use crate::legacy::LegacySession;
 use crate::outcome::{Outcome, RpcError};
 use crate::sse::SseParser;
 
@@ -23,6 +24,8 @@ use crate::sse::SseParser;
 pub const STATELESS_VERSION: &str = "2026-07-28";
 /// The newest session-based revision; older servers answer `initialize` with theirs.
 pub const SESSION_VERSION: &str = "2025-11-25";
+/// The revision of the legacy HTTP+SSE transport.
+pub const LEGACY_VERSION: &str = "2024-11-05";
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
 
@@ -36,6 +39,8 @@ pub enum Era {
         /// The revision the server chose.
         version: String,
     },
+    /// 2024-11-05: HTTP+SSE, answers on a GET stream.
+    Legacy,
 }
 
 /// Who is asking: carried in every request's `_meta`, so tools that care can de-duplicate.
@@ -54,10 +59,17 @@ struct Session {
     version: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 enum Link {
     Stateless,
     Session(Session),
+    Legacy(Arc<LegacyLink>),
+}
+
+/// A legacy stream and the stream session it last initialized.
+struct LegacyLink {
+    stream: LegacySession,
+    initialized: Mutex<u64>,
 }
 
 /// A client for one MCP server. Cheap to clone.
@@ -133,6 +145,7 @@ impl McpClient {
         self.inner.link.read().await.as_ref().map(|l| match l {
             Link::Stateless => Era::Stateless,
             Link::Session(s) => Era::Session { version: s.version.clone() },
+            Link::Legacy(_) => Era::Legacy,
         })
     }
 
@@ -193,7 +206,7 @@ impl McpClient {
     pub async fn probe(&self) -> Outcome<()> {
         let method = match self.ensure_link().await {
             Ok(Link::Stateless) => "server/discover",
-            Ok(Link::Session(_)) => "ping",
+            Ok(Link::Session(_) | Link::Legacy(_)) => "ping",
             Err(o) => return o.map(|_| ()),
         };
         self.request(method, json!({}), None, &CallMeta::default()).await.map(|_| ())
@@ -213,6 +226,9 @@ impl McpClient {
         };
         let params = with_meta(params, meta, &link);
         let ex = Exchange { method, params, name, notification: false };
+        if let Link::Legacy(legacy) = &link {
+            return self.legacy_request(legacy, &ex).await;
+        }
         let outcome = self.send(&link, &ex).await;
         if let (Link::Session(s), Outcome::NotDelivered { reason, .. }) = (&link, &outcome)
             && reason == SESSION_EXPIRED
@@ -246,9 +262,7 @@ impl McpClient {
     /// server needs one.
     async fn open(&self) -> Result<Link, Outcome<Value>> {
         if self.inner.cfg.transport == TransportChoice::Sse {
-            return Err(Outcome::not_delivered(
-                "the legacy HTTP+SSE transport is not supported yet",
-            ));
+            return self.open_legacy().await;
         }
         match self.inner.cfg.protocol_version.as_deref() {
             Some(STATELESS_VERSION) => return Ok(Link::Stateless),
@@ -264,14 +278,146 @@ impl McpClient {
         match self.send(&Link::Stateless, &discover).await {
             Outcome::Executed(Ok(_)) => return Ok(Link::Stateless),
             // a connection that fails is no answer about the era
-            Outcome::NotDelivered { reason, retry_after } if is_unreachable(&reason) => {
+            Outcome::NotDelivered { reason, retry_after } if stops_probing(&reason) => {
                 return Err(Outcome::NotDelivered { reason, retry_after });
             }
             // anything else (400, 404, 405, a JSON-RPC error, an odd answer) means an older
             // server: fall back to initialize
             _ => {}
         }
-        self.initialize(SESSION_VERSION).await.map(Link::Session)
+        match self.initialize(SESSION_VERSION).await {
+            Ok(session) => Ok(Link::Session(session)),
+            // refused, not unreachable: perhaps a legacy server, whose URL is its GET stream
+            Err(Outcome::NotDelivered { reason, retry_after })
+                if self.inner.cfg.transport == TransportChoice::Auto && !stops_probing(&reason) =>
+            {
+                self.open_legacy().await.map_err(|_| Outcome::NotDelivered { reason, retry_after })
+            }
+            Err(o) => Err(o),
+        }
+    }
+
+    async fn open_legacy(&self) -> Result<Link, Outcome<Value>> {
+        let cfg = &self.inner.cfg;
+        let credentials = self
+            .inner
+            .auth
+            .header_pairs(&self.inner.http, &cfg.url)
+            .await
+            .map_err(Outcome::not_delivered)?;
+        let stream = LegacySession::open(
+            self.inner.http.clone(),
+            &cfg.url,
+            &credentials,
+            cfg.request_timeout().min(cfg.connect_timeout() * 2),
+            cfg.max_response_bytes,
+        )
+        .await?;
+        let link = Arc::new(LegacyLink { stream, initialized: Mutex::new(0) });
+        self.legacy_ready(&link).await?;
+        Ok(Link::Legacy(link))
+    }
+
+    /// The endpoint of the stream's current session, initialized (once per session).
+    async fn legacy_ready(&self, link: &LegacyLink) -> Result<String, Outcome<Value>> {
+        let mut initialized = link.initialized.lock().await;
+        let Some((session, url)) = link.stream.endpoint() else {
+            return Err(Outcome::not_delivered("the SSE stream is reconnecting"));
+        };
+        if *initialized == session {
+            return Ok(url);
+        }
+        let params = json!({
+            "protocolVersion": LEGACY_VERSION,
+            "capabilities": {},
+            "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
+        });
+        let init = Exchange { method: "initialize", params, name: None, notification: false };
+        match self.legacy_post(link, &url, &init).await {
+            Outcome::Executed(Ok(_)) => {}
+            Outcome::Executed(Err(e)) => {
+                return Err(Outcome::not_delivered(format!("initialize refused: {e}")));
+            }
+            other => return Err(other),
+        }
+        let note = Exchange {
+            method: "notifications/initialized",
+            params: json!({}),
+            name: None,
+            notification: true,
+        };
+        match self.legacy_post(link, &url, &note).await {
+            Outcome::Executed(_) => {
+                *initialized = session;
+                Ok(url)
+            }
+            other => Err(other),
+        }
+    }
+
+    async fn legacy_request(&self, link: &LegacyLink, ex: &Exchange<'_>) -> Outcome<Value> {
+        match self.legacy_ready(link).await {
+            Ok(url) => self.legacy_post(link, &url, ex).await,
+            Err(o) => o,
+        }
+    }
+
+    /// One POST to a legacy endpoint; the answer arrives on the stream.
+    async fn legacy_post(&self, link: &LegacyLink, url: &str, ex: &Exchange<'_>) -> Outcome<Value> {
+        let id = link.stream.next_id();
+        let mut body = json!({ "jsonrpc": "2.0", "method": ex.method, "params": ex.params });
+        let answer = if ex.notification {
+            None
+        } else {
+            body["id"] = json!(id);
+            Some(link.stream.expect(id).await)
+        };
+        let deadline = Instant::now() + self.inner.cfg.request_timeout();
+        let mut refreshed = false;
+        let sent = loop {
+            let req =
+                self.inner.http.post(url).header(CONTENT_TYPE, "application/json").json(&body);
+            let (req, token) = match self.inner.auth.apply(req).await {
+                Ok(r) => r,
+                Err(reason) => break Outcome::not_delivered(reason),
+            };
+            break match tokio::time::timeout_at(deadline, req.send()).await {
+                Err(_) => Outcome::ambiguous("timed out sending the request"),
+                Ok(Err(e)) if e.is_connect() => {
+                    Outcome::not_delivered(format!("{UNREACHABLE}: {}", source_text(&e)))
+                }
+                Ok(Err(e)) => Outcome::ambiguous(format!("request failed: {}", source_text(&e))),
+                Ok(Ok(resp))
+                    if resp.status() == StatusCode::UNAUTHORIZED
+                        && !refreshed
+                        && self.inner.auth.can_refresh() =>
+                {
+                    // a stale token: refresh once and send again (a 401 was not processed)
+                    refreshed = true;
+                    self.inner.auth.invalidate(token).await;
+                    continue;
+                }
+                Ok(Ok(resp)) => {
+                    match classify_status(resp.status(), resp.headers(), &Link::Stateless) {
+                        Some(o) => o,
+                        None => Outcome::Executed(Ok(Value::Null)),
+                    }
+                }
+            };
+        };
+        let Outcome::Executed(_) = sent else {
+            link.stream.forget(id).await;
+            return sent;
+        };
+        let Some(answer) = answer else { return sent };
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Outcome::ambiguous("the SSE stream closed before the answer"),
+            Err(_) => {
+                link.stream.forget(id).await;
+                Outcome::ambiguous("timed out waiting for the answer on the SSE stream")
+            }
+        }
     }
 
     async fn initialize(&self, version: &str) -> Result<Session, Outcome<Value>> {
@@ -330,8 +476,7 @@ impl McpClient {
         let deadline = Instant::now() + cfg.request_timeout();
         let mut refreshed = false;
         loop {
-            let req = self.post(link, ex, body.clone()).await;
-            let req = match req {
+            let (req, token) = match self.post(link, ex, body.clone()).await {
                 Ok(r) => r,
                 Err(o) => return (o, HeaderMap::new()),
             };
@@ -363,7 +508,7 @@ impl McpClient {
             if status == StatusCode::UNAUTHORIZED && !refreshed && self.inner.auth.can_refresh() {
                 // a stale token: refresh once and send again (a 401 was not processed)
                 refreshed = true;
-                self.inner.auth.invalidate().await;
+                self.inner.auth.invalidate(token).await;
                 continue;
             }
             if let Some(o) = classify_status(status, &headers, link) {
@@ -384,12 +529,13 @@ impl McpClient {
         }
     }
 
+    /// The POST of `ex`, with the generation of the token it carries.
     async fn post(
         &self,
         link: &Link,
         ex: &Exchange<'_>,
         body: Vec<u8>,
-    ) -> Result<reqwest::RequestBuilder, Outcome<Value>> {
+    ) -> Result<(reqwest::RequestBuilder, u64), Outcome<Value>> {
         let mut req = self
             .inner
             .http
@@ -404,6 +550,7 @@ impl McpClient {
                     req = req.header("mcp-name", name);
                 }
             }
+            Link::Legacy(_) => {}
             Link::Session(s) => {
                 // 2025-03-26 has no version header; later revisions require it after initialize
                 if ex.method != "initialize" && s.version.as_str() > "2025-03-26" {
@@ -505,6 +652,12 @@ fn is_unreachable(reason: &str) -> bool {
     reason.starts_with(UNREACHABLE)
 }
 
+/// True when no other era would fare better: the server cannot be reached, or we have no
+/// credentials to show it.
+fn stops_probing(reason: &str) -> bool {
+    is_unreachable(reason) || reason.starts_with(NO_CREDENTIALS)
+}
+
 /// The full error chain, for reasons people read.
 fn source_text(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -571,7 +724,7 @@ fn classify_status(status: StatusCode, headers: &HeaderMap, link: &Link) -> Opti
 }
 
 /// The outcome carried by `msg` if it is the response to `id`.
-fn answer_to(msg: &Value, id: u64) -> Option<Outcome<Value>> {
+pub(crate) fn answer_to(msg: &Value, id: u64) -> Option<Outcome<Value>> {
     if msg.get("id").and_then(Value::as_u64) != Some(id) || msg.get("method").is_some() {
         return None;
     }

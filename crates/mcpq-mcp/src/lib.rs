@@ -5,9 +5,12 @@
 mod auth;
 mod client;
 pub mod config;
+mod legacy;
 mod outcome;
 mod sse;
 
-pub use client::{BuildError, CallMeta, Era, McpClient, SESSION_VERSION, STATELESS_VERSION};
+pub use client::{
+    BuildError, CallMeta, Era, LEGACY_VERSION, McpClient, SESSION_VERSION, STATELESS_VERSION,
+};
 pub use config::{Auth, ConfigError, Secret, ServerConfig, Timeouts, TransportChoice};
 pub use outcome::{Outcome, RpcError};
