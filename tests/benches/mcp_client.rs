@@ -2,6 +2,8 @@
 //! in-process rmcp server running in a child process (so the CPU this process uses is the
 //! client's alone), for the mcpq client and, on the same server, a bare rmcp client. Prints
 //! calls/s, p50/p99 latency and client CPU per call, per run and as the median of the runs.
+//! `mcpq` probes the era (the stateless 2026-07-28 revision here); `mcpq-s` is pinned to the
+//! session revision, the like-for-like comparison if the rmcp client runs a session.
 //!
 //! `cargo bench -p mcpq-tests --bench mcp_client [-- --calls N --runs N]`
 
@@ -146,6 +148,9 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = rt.block_on(async {
         let mcpq = Mcpq(McpClient::new(ServerConfig::new("bench", url.clone()))?);
+        let mut pinned = ServerConfig::new("bench", url.clone());
+        pinned.protocol_version = Some(mcpq_mcp::SESSION_VERSION.into());
+        let session = Mcpq(McpClient::new(pinned)?);
         // the running service must outlive its peer handles: dropping it closes the transport
         let running = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await?;
         let bare = Bare(Arc::new(running.peer().clone()));
@@ -159,19 +164,28 @@ fn main() -> Result<()> {
             bail!("the rmcp client's first call: {e}");
         }
         for _ in 0..200 {
-            if !mcpq.call().await || !bare.call().await {
+            if !mcpq.call().await || !session.call().await || !bare.call().await {
                 bail!("warm-up calls failed");
             }
         }
         println!("MCP client benchmark: {calls} tools/call echo per cell, rmcp server (stateless mode) in a child process");
-        println!("mcpq client era: {:?}", mcpq.0.era().await);
+        println!(
+            "mcpq: {:?}; mcpq-s: {:?}; rmcp: {:?}",
+            mcpq.0.era().await,
+            session.0.era().await,
+            running.peer_info().map(|i| i.protocol_version.to_string())
+        );
         println!("{:>6} {:>5} {:>6} {:>10} {:>10} {:>10} {:>12}", "client", "conc", "run", "calls/s", "p50 µs", "p99 µs", "cpu µs/call");
         let mut table = Vec::new();
         for conc in CONCURRENCY {
-            for (name, which) in [("mcpq", 0), ("rmcp", 1)] {
+            for (name, which) in [("mcpq", 0), ("mcpq-s", 1), ("rmcp", 2)] {
                 let mut all = Vec::new();
                 for run in 1..=runs {
-                    let f = if which == 0 { measure(&mcpq, calls, conc).await? } else { measure(&bare, calls, conc).await? };
+                    let f = match which {
+                        0 => measure(&mcpq, calls, conc).await?,
+                        1 => measure(&session, calls, conc).await?,
+                        _ => measure(&bare, calls, conc).await?,
+                    };
                     println!("{name:>6} {conc:>5} {run:>6} {:>10.0} {:>10.0} {:>10.0} {:>12.1}", f.calls_per_s, f.p50_us, f.p99_us, f.cpu_us_per_call);
                     all.push(f);
                 }
@@ -181,10 +195,12 @@ fn main() -> Result<()> {
         }
         println!("\nmedians of {runs} runs");
         println!("{:>6} {:>5} {:>10} {:>10} {:>10} {:>12} {:>16}", "client", "conc", "calls/s", "p50 µs", "p99 µs", "cpu µs/call", "mcpq vs rmcp");
-        for pair in table.chunks(2) {
-            let (m, b) = (&pair[0], &pair[1]);
-            println!("{:>6} {:>5} {:>10.0} {:>10.0} {:>10.0} {:>12.1}", m.0, m.1, m.2, m.3, m.4, m.5);
-            println!("{:>6} {:>5} {:>10.0} {:>10.0} {:>10.0} {:>12.1} {:>+15.1}%", b.0, b.1, b.2, b.3, b.4, b.5, (m.2 / b.2 - 1.0) * 100.0);
+        for cell in table.chunks(3) {
+            let bare = &cell[2];
+            for r in cell {
+                let vs = if r.0 == "rmcp" { String::new() } else { format!("{:+.1}%", (r.2 / bare.2 - 1.0) * 100.0) };
+                println!("{:>6} {:>5} {:>10.0} {:>10.0} {:>10.0} {:>12.1} {:>16}", r.0, r.1, r.2, r.3, r.4, r.5, vs);
+            }
         }
         drop(running);
         Ok(())
