@@ -1,21 +1,26 @@
 //! [`McpClient`]: one MCP server over Streamable HTTP, in the stateless 2026-07-28 era or the
 //! session eras (2025-03-26 … 2025-11-25). It owns the HTTP pool, the session and the era, and
 //! classifies every request's outcome. Many requests may be in flight at once; the session is
-//! opened by one of them while the others wait for it.
+//! opened by one of them while the others wait for it. Session-era SSE answers are resumed
+//! (`Last-Event-ID`, after the server's `retry:`) and the server's own requests on them answered;
+//! stateless requests carry the SEP-2243 headers and follow multi round-trip input requests.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use serde_json::{Map, Value, json};
 use tokio::sync::{Mutex, RwLock};
 use tokio::time::Instant;
 
 use crate::auth::{Authenticator, NO_CREDENTIALS};
 use crate::config::{ServerConfig, TransportChoice};
+use crate::headers::{ParamHeaders, encode_value};
+use crate::input;
 use crate::legacy::LegacySession;
 use crate::outcome::{Outcome, RpcError};
 use crate::sse::SseParser;
@@ -28,6 +33,16 @@ pub const SESSION_VERSION: &str = "2025-11-25";
 pub const LEGACY_VERSION: &str = "2024-11-05";
 const SESSION_HEADER: &str = "mcp-session-id";
 const VERSION_HEADER: &str = "mcp-protocol-version";
+/// JSON-RPC error of a 2026-07-28 server: the HTTP headers do not match the body.
+const HEADER_MISMATCH: i64 = -32020;
+/// JSON-RPC error of a 2026-07-28 server: it does not speak the requested revision.
+const UNSUPPORTED_VERSION: i64 = -32022;
+/// How often one answer stream is resumed at most.
+const MAX_RESUMES: u32 = 5;
+/// The wait before resuming a stream whose server named none (`retry:`).
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// The most of a refusal's body read for its JSON-RPC error.
+const MAX_REFUSAL_BYTES: usize = 64 * 1024;
 
 /// The wire era a server speaks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,6 +101,9 @@ struct Inner {
     link: RwLock<Option<Link>>,
     // single flight: one request opens the link while the others wait for it
     opening: Mutex<()>,
+    /// Stateless era: the `x-mcp-header` annotations of every listed tool, or why it was
+    /// rejected. Filled by `list_tools`.
+    tools: RwLock<HashMap<String, Result<ParamHeaders, String>>>,
 }
 
 impl std::fmt::Debug for McpClient {
@@ -111,6 +129,30 @@ struct Exchange<'a> {
     name: Option<&'a str>,
     /// A notification expects no answer.
     notification: bool,
+    /// `Mcp-Param-*` headers mirrored from a tool call's arguments.
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// What one POST came to: the outcome, the response headers when there was a response, and
+/// the JSON-RPC error a refusing (4xx) response carried.
+struct Reply {
+    outcome: Outcome<Value>,
+    headers: HeaderMap,
+    refusal: Option<RpcError>,
+}
+
+impl Reply {
+    fn bare(outcome: Outcome<Value>) -> Self {
+        Self { outcome, headers: HeaderMap::new(), refusal: None }
+    }
+}
+
+/// An SSE answer as read so far, across resumptions.
+#[derive(Default)]
+struct StreamState {
+    bytes: usize,
+    last_event_id: Option<String>,
+    retry: Option<Duration>,
 }
 
 impl McpClient {
@@ -131,6 +173,7 @@ impl McpClient {
                 next_id: AtomicU64::new(1),
                 link: RwLock::new(None),
                 opening: Mutex::new(()),
+                tools: RwLock::default(),
             }),
         })
     }
@@ -152,9 +195,12 @@ impl McpClient {
     /// Forgets the session and the era: the next request probes again (after a reconnect).
     pub async fn reset(&self) {
         *self.inner.link.write().await = None;
+        self.inner.tools.write().await.clear();
     }
 
-    /// `tools/call`; the result is the MCP `CallToolResult` object (check its `isError`).
+    /// `tools/call`; the result is the MCP `CallToolResult` object (check its `isError`). On
+    /// the stateless era the arguments a listed tool marks with `x-mcp-header` are mirrored into
+    /// `Mcp-Param-*` headers; a tool `list_tools` rejected is not called (not delivered).
     pub async fn call_tool(&self, name: &str, arguments: Value, meta: &CallMeta) -> Outcome<Value> {
         let params = json!({ "name": name, "arguments": arguments });
         self.request("tools/call", params, Some(name), meta).await
@@ -176,9 +222,50 @@ impl McpClient {
         self.request("prompts/get", params, Some(name), meta).await
     }
 
-    /// `tools/list`, every page.
+    /// `tools/list`, every page. On the stateless era a tool with an invalid `x-mcp-header`
+    /// annotation is left out (and logged), and the annotations of the others are kept for
+    /// [`McpClient::call_tool`].
     pub async fn list_tools(&self) -> Outcome<Vec<Value>> {
-        let mut tools = Vec::new();
+        let tools = match self.list_all("tools/list", "tools").await {
+            Outcome::Executed(Ok(tools)) => tools,
+            other => return other,
+        };
+        if !matches!(*self.inner.link.read().await, Some(Link::Stateless)) {
+            return Outcome::Executed(Ok(tools));
+        }
+        let mut catalog = HashMap::new();
+        let mut usable = Vec::with_capacity(tools.len());
+        for tool in tools {
+            let name = tool.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            match ParamHeaders::of_tool(&tool) {
+                Ok(headers) => {
+                    catalog.insert(name, Ok(headers));
+                    usable.push(tool);
+                }
+                Err(reason) => {
+                    tracing::warn!(server = %self.inner.cfg.name, tool = %name, %reason,
+                        "tool rejected: invalid x-mcp-header");
+                    catalog.insert(name, Err(reason));
+                }
+            }
+        }
+        *self.inner.tools.write().await = catalog;
+        Outcome::Executed(Ok(usable))
+    }
+
+    /// `resources/list`, every page.
+    pub async fn list_resources(&self) -> Outcome<Vec<Value>> {
+        self.list_all("resources/list", "resources").await
+    }
+
+    /// `prompts/list`, every page.
+    pub async fn list_prompts(&self) -> Outcome<Vec<Value>> {
+        self.list_all("prompts/list", "prompts").await
+    }
+
+    /// Every page of a paginated list method, the items under `key`.
+    async fn list_all(&self, method: &str, key: &str) -> Outcome<Vec<Value>> {
+        let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         // bounded: a server that keeps handing out cursors is cut off
         for _ in 0..1000 {
@@ -186,20 +273,20 @@ impl McpClient {
                 Some(c) => json!({ "cursor": c }),
                 None => json!({}),
             };
-            let page = match self.request("tools/list", params, None, &CallMeta::default()).await {
+            let page = match self.request(method, params, None, &CallMeta::default()).await {
                 Outcome::Executed(Ok(v)) => v,
                 other => return other.map(|_| Vec::new()),
             };
-            match page.get("tools") {
-                Some(Value::Array(list)) => tools.extend(list.iter().cloned()),
-                _ => return Outcome::ambiguous("tools/list answered without a tools array"),
+            match page.get(key) {
+                Some(Value::Array(list)) => items.extend(list.iter().cloned()),
+                _ => return Outcome::ambiguous(format!("{method} answered without a {key} array")),
             }
             cursor = page.get("nextCursor").and_then(Value::as_str).map(str::to_owned);
             if cursor.is_none() {
-                return Outcome::Executed(Ok(tools));
+                return Outcome::Executed(Ok(items));
             }
         }
-        Outcome::ambiguous("tools/list paged more than 1000 times")
+        Outcome::ambiguous(format!("{method} paged more than 1000 times"))
     }
 
     /// A health probe: `server/discover` on the stateless era, `ping` on session eras.
@@ -225,7 +312,10 @@ impl McpClient {
             Err(o) => return o,
         };
         let params = with_meta(params, meta, &link);
-        let ex = Exchange { method, params, name, notification: false };
+        if let Link::Stateless = link {
+            return self.stateless_request(method, params, name).await;
+        }
+        let ex = Exchange { method, params, name, notification: false, headers: Vec::new() };
         if let Link::Legacy(legacy) = &link {
             return self.legacy_request(legacy, &ex).await;
         }
@@ -243,6 +333,82 @@ impl McpClient {
             }
         }
         outcome
+    }
+
+    /// A stateless request, sent again (a new id each time) while the server answers with an
+    /// `InputRequiredResult`, and once more after a `HeaderMismatch` refusal of a tool call
+    /// once the tools were listed again.
+    async fn stateless_request(
+        &self,
+        method: &str,
+        params: Value,
+        name: Option<&str>,
+    ) -> Outcome<Value> {
+        let mut current = params.clone();
+        let mut rounds = 0;
+        let mut relisted = false;
+        loop {
+            let headers = if method == "tools/call" {
+                match self.param_headers(&current).await {
+                    Ok(h) => h,
+                    Err(reason) => return Outcome::not_delivered(reason),
+                }
+            } else {
+                Vec::new()
+            };
+            let ex =
+                Exchange { method, params: current.clone(), name, notification: false, headers };
+            let reply = self.exchange(&Link::Stateless, &ex).await;
+            match reply.outcome {
+                Outcome::Executed(Ok(result)) if input::is_input_required(&result) => {
+                    rounds += 1;
+                    if rounds == input::MAX_INPUT_ROUNDS {
+                        return Outcome::Executed(Err(RpcError {
+                            code: RpcError::INPUT_REQUIRED,
+                            message: format!(
+                                "the server still asks for input after {rounds} rounds"
+                            ),
+                            data: Some(result),
+                        }));
+                    }
+                    current = input::retry_params(&params, &result);
+                }
+                Outcome::NotDelivered { .. }
+                    if method == "tools/call"
+                        && !relisted
+                        && reply.refusal.as_ref().is_some_and(|e| e.code == HEADER_MISMATCH) =>
+                {
+                    // the tool's schema may have changed or was never listed: list the tools
+                    // and send again (the refused request was not processed)
+                    relisted = true;
+                    // a failed listing leaves the mirrored headers as they were: the resend is
+                    // then refused the same way, and that refusal is what the caller gets
+                    let _ = Box::pin(self.list_tools()).await;
+                }
+                // the earlier rounds reached the server: what they did is not known
+                Outcome::NotDelivered { reason, .. } if rounds > 0 => {
+                    return Outcome::ambiguous(format!(
+                        "after the server asked for input: {reason}"
+                    ));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The `Mcp-Param-*` headers of a `tools/call` with `params`, from the tool's listed schema
+    /// (none for a tool never listed); an error when the tool was rejected.
+    async fn param_headers(
+        &self,
+        params: &Value,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+        let Some(tool) = params.get("name").and_then(Value::as_str) else { return Ok(Vec::new()) };
+        let arguments = params.get("arguments").unwrap_or(&Value::Null);
+        match self.inner.tools.read().await.get(tool) {
+            Some(Ok(headers)) => Ok(headers.for_arguments(arguments)),
+            Some(Err(why)) => Err(format!("tool {tool} was rejected: {why}")),
+            None => Ok(Vec::new()),
+        }
     }
 
     async fn ensure_link(&self) -> Result<Link, Outcome<Value>> {
@@ -274,6 +440,7 @@ impl McpClient {
             params: with_meta(json!({}), &CallMeta::default(), &Link::Stateless),
             name: None,
             notification: false,
+            headers: Vec::new(),
         };
         match self.send(&Link::Stateless, &discover).await {
             Outcome::Executed(Ok(_)) => return Ok(Link::Stateless),
@@ -332,7 +499,13 @@ impl McpClient {
             "capabilities": {},
             "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
         });
-        let init = Exchange { method: "initialize", params, name: None, notification: false };
+        let init = Exchange {
+            method: "initialize",
+            params,
+            name: None,
+            notification: false,
+            headers: Vec::new(),
+        };
         match self.legacy_post(link, &url, &init).await {
             Outcome::Executed(Ok(_)) => {}
             Outcome::Executed(Err(e)) => {
@@ -345,6 +518,7 @@ impl McpClient {
             params: json!({}),
             name: None,
             notification: true,
+            headers: Vec::new(),
         };
         match self.legacy_post(link, &url, &note).await {
             Outcome::Executed(_) => {
@@ -398,7 +572,7 @@ impl McpClient {
                     continue;
                 }
                 Ok(Ok(resp)) => {
-                    match classify_status(resp.status(), resp.headers(), &Link::Stateless) {
+                    match classify_status(resp.status(), resp.headers(), &Link::Stateless, None) {
                         Some(o) => o,
                         None => Outcome::Executed(Ok(Value::Null)),
                     }
@@ -427,13 +601,20 @@ impl McpClient {
             "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
         });
         let fresh = Session { id: None, version: version.to_owned() };
-        let ex = Exchange { method: "initialize", params, name: None, notification: false };
-        let (result, headers) = match self.exchange(&Link::Session(fresh), &ex).await {
-            (Outcome::Executed(Ok(v)), h) => (v, h),
-            (Outcome::Executed(Err(e)), _) => {
+        let ex = Exchange {
+            method: "initialize",
+            params,
+            name: None,
+            notification: false,
+            headers: Vec::new(),
+        };
+        let reply = self.exchange(&Link::Session(fresh), &ex).await;
+        let (result, headers) = match reply.outcome {
+            Outcome::Executed(Ok(v)) => (v, reply.headers),
+            Outcome::Executed(Err(e)) => {
                 return Err(Outcome::not_delivered(format!("initialize refused: {e}")));
             }
-            (other, _) => return Err(other),
+            other => return Err(other),
         };
         let version =
             result.get("protocolVersion").and_then(Value::as_str).unwrap_or(version).to_owned();
@@ -445,6 +626,7 @@ impl McpClient {
             params: json!({}),
             name: None,
             notification: true,
+            headers: Vec::new(),
         };
         match self.send(&link, &note).await {
             Outcome::Executed(_) => Ok(session),
@@ -453,11 +635,12 @@ impl McpClient {
     }
 
     async fn send(&self, link: &Link, ex: &Exchange<'_>) -> Outcome<Value> {
-        self.exchange(link, ex).await.0
+        self.exchange(link, ex).await.outcome
     }
 
-    /// One POST: the outcome, and the response headers when there was a response.
-    async fn exchange(&self, link: &Link, ex: &Exchange<'_>) -> (Outcome<Value>, HeaderMap) {
+    /// One POST (sent once more, stateless, when the server refuses the protocol revision yet
+    /// lists it as supported).
+    async fn exchange(&self, link: &Link, ex: &Exchange<'_>) -> Reply {
         let cfg = &self.inner.cfg;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut body = json!({ "jsonrpc": "2.0", "method": ex.method, "params": ex.params });
@@ -467,39 +650,34 @@ impl McpClient {
         let body = match serde_json::to_vec(&body) {
             Ok(b) => b,
             Err(e) => {
-                return (
-                    Outcome::not_delivered(format!("cannot encode request: {e}")),
-                    HeaderMap::new(),
-                );
+                return Reply::bare(Outcome::not_delivered(format!("cannot encode request: {e}")));
             }
         };
         let deadline = Instant::now() + cfg.request_timeout();
         let mut refreshed = false;
+        let mut version_retried = false;
         loop {
             let (req, token) = match self.post(link, ex, body.clone()).await {
                 Ok(r) => r,
-                Err(o) => return (o, HeaderMap::new()),
+                Err(o) => return Reply::bare(o),
             };
             let sent = tokio::time::timeout_at(deadline, req.send()).await;
             let resp = match sent {
                 Err(_) => {
                     self.cancel_later(link, id, ex.notification);
-                    return (
-                        Outcome::ambiguous("timed out waiting for the response"),
-                        HeaderMap::new(),
-                    );
+                    return Reply::bare(Outcome::ambiguous("timed out waiting for the response"));
                 }
                 Ok(Err(e)) if e.is_connect() => {
-                    return (
-                        Outcome::not_delivered(format!("{UNREACHABLE}: {}", source_text(&e))),
-                        HeaderMap::new(),
-                    );
+                    return Reply::bare(Outcome::not_delivered(format!(
+                        "{UNREACHABLE}: {}",
+                        source_text(&e)
+                    )));
                 }
                 Ok(Err(e)) => {
-                    return (
-                        Outcome::ambiguous(format!("request failed: {}", source_text(&e))),
-                        HeaderMap::new(),
-                    );
+                    return Reply::bare(Outcome::ambiguous(format!(
+                        "request failed: {}",
+                        source_text(&e)
+                    )));
                 }
                 Ok(Ok(r)) => r,
             };
@@ -511,22 +689,61 @@ impl McpClient {
                 self.inner.auth.invalidate(token).await;
                 continue;
             }
-            if let Some(o) = classify_status(status, &headers, link) {
-                return (o, headers);
+            if !status.is_success() {
+                let refusal = match status.is_client_error() {
+                    true => self.read_refusal(resp, deadline).await,
+                    false => None,
+                };
+                if matches!(link, Link::Stateless)
+                    && !version_retried
+                    && refusal.as_ref().is_some_and(offers_stateless)
+                {
+                    // refused before processing, by a server that says it speaks our revision
+                    // (a fleet mid-upgrade, say): worth one more try
+                    version_retried = true;
+                    continue;
+                }
+                let outcome = classify_status(status, &headers, link, refusal.as_ref())
+                    .unwrap_or_else(|| Outcome::ambiguous(format!("unexpected status {status}")));
+                return Reply { outcome, headers, refusal };
             }
             if ex.notification {
-                return (Outcome::Executed(Ok(Value::Null)), headers);
+                return Reply {
+                    outcome: Outcome::Executed(Ok(Value::Null)),
+                    headers,
+                    refusal: None,
+                };
             }
-            let is_sse = headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("text/event-stream"));
-            let outcome = self.read_answer(resp, id, is_sse, deadline).await;
+            let outcome = self.read_answer(link, resp, id, deadline).await;
             if matches!(outcome, Outcome::Ambiguous { .. }) {
                 self.cancel_later(link, id, false);
             }
-            return (outcome, headers);
+            return Reply { outcome, headers, refusal: None };
         }
+    }
+
+    /// The JSON-RPC error in the body of a refusal, if it carries one.
+    async fn read_refusal(&self, resp: reqwest::Response, deadline: Instant) -> Option<RpcError> {
+        if resp.content_length().is_some_and(|n| n > MAX_REFUSAL_BYTES as u64) {
+            return None;
+        }
+        let until = deadline.min(Instant::now() + self.inner.cfg.idle_timeout());
+        let mut stream = resp.bytes_stream();
+        let mut body = Vec::new();
+        loop {
+            match tokio::time::timeout_at(until, stream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    body.extend_from_slice(&chunk);
+                    if body.len() > MAX_REFUSAL_BYTES {
+                        return None;
+                    }
+                }
+                Ok(None) => break,
+                Ok(Some(Err(_))) | Err(_) => return None,
+            }
+        }
+        let msg: Value = serde_json::from_slice(&body).ok()?;
+        serde_json::from_value(msg.get("error")?.clone()).ok()
     }
 
     /// The POST of `ex`, with the generation of the token it carries.
@@ -546,84 +763,206 @@ impl McpClient {
         match link {
             Link::Stateless => {
                 req = req.header(VERSION_HEADER, STATELESS_VERSION).header("mcp-method", ex.method);
-                if let Some(name) = ex.name.and_then(|n| HeaderValue::from_str(n).ok()) {
-                    req = req.header("mcp-name", name);
+                if let Some(name) = ex.name {
+                    req = req.header("mcp-name", encode_value(name));
+                }
+                for (header, value) in &ex.headers {
+                    req = req.header(header, value);
                 }
             }
             Link::Legacy(_) => {}
-            Link::Session(s) => {
-                // 2025-03-26 has no version header; later revisions require it after initialize
-                if ex.method != "initialize" && s.version.as_str() > "2025-03-26" {
-                    req = req.header(VERSION_HEADER, s.version.as_str());
-                }
-                if let Some(id) = &s.id {
-                    req = req.header(SESSION_HEADER, id.as_str());
-                }
-            }
+            Link::Session(s) => req = session_headers(req, s, ex.method == "initialize"),
         }
         self.inner.auth.apply(req).await.map_err(Outcome::not_delivered)
     }
 
     /// Reads a JSON or SSE answer up to the response with `id`, within the size cap, the idle
-    /// limit (progress restarts it) and the request deadline.
+    /// limit (progress restarts it) and the request deadline. A session-era SSE answer that
+    /// ends early is resumed when the server gave it an event id.
     async fn read_answer(
+        &self,
+        link: &Link,
+        resp: reqwest::Response,
+        id: u64,
+        deadline: Instant,
+    ) -> Outcome<Value> {
+        let cap = self.inner.cfg.max_response_bytes;
+        if resp.content_length().is_some_and(|n| n > cap as u64) {
+            return Outcome::ambiguous(format!("response larger than {cap} bytes"));
+        }
+        if !is_sse(resp.headers()) {
+            return self.read_json(resp, id, deadline).await;
+        }
+        let mut state = StreamState::default();
+        let mut resp = resp;
+        let mut resumed = 0;
+        loop {
+            let cut = match self.read_events(link, resp, id, deadline, &mut state).await {
+                Ok(outcome) => return outcome,
+                Err(cut) => cut,
+            };
+            // the stream ended or broke before the answer; the 2026-07-28 era has no resumption
+            let (Link::Session(session), Some(last)) = (link, state.last_event_id.as_deref())
+            else {
+                return Outcome::ambiguous(cut);
+            };
+            if resumed == MAX_RESUMES {
+                return Outcome::ambiguous(format!("{cut}, {resumed} times"));
+            }
+            resumed += 1;
+            let wait = state.retry.unwrap_or(DEFAULT_RETRY);
+            if Instant::now() + wait >= deadline {
+                return Outcome::ambiguous(format!("{cut}; no time left to resume it"));
+            }
+            // the server asked for this pause (`retry:`) before we come back
+            tokio::time::sleep(wait).await;
+            resp = match self.resume(session, last, deadline).await {
+                Ok(r) => r,
+                Err(reason) => return Outcome::ambiguous(format!("{cut}; {reason}")),
+            };
+        }
+    }
+
+    async fn read_json(
         &self,
         resp: reqwest::Response,
         id: u64,
-        sse: bool,
         deadline: Instant,
     ) -> Outcome<Value> {
         let cfg = &self.inner.cfg;
         let cap = cfg.max_response_bytes;
-        if resp.content_length().is_some_and(|n| n > cap as u64) {
-            return Outcome::ambiguous(format!("response larger than {cap} bytes"));
-        }
         let mut stream = resp.bytes_stream();
-        let mut parser = SseParser::default();
-        let mut json_body = Vec::new();
-        let mut seen = 0usize;
+        let mut body = Vec::new();
         loop {
             let idle = Instant::now() + cfg.idle_timeout();
-            let chunk = match tokio::time::timeout_at(idle.min(deadline), stream.next()).await {
+            match tokio::time::timeout_at(idle.min(deadline), stream.next()).await {
                 Err(_) => return Outcome::ambiguous("timed out reading the response"),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
                     return Outcome::ambiguous(format!("response cut: {}", source_text(&e)));
                 }
-                Ok(Some(Ok(c))) => c,
-            };
-            seen += chunk.len();
-            if seen > cap {
-                return Outcome::ambiguous(format!("response larger than {cap} bytes"));
-            }
-            if !sse {
-                json_body.extend_from_slice(&chunk);
-                continue;
-            }
-            for event in parser.push(&chunk) {
-                if event.data.is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<Value>(&event.data) {
-                    Ok(msg) => {
-                        if let Some(o) = answer_to(&msg, id) {
-                            return o;
-                        }
-                        // progress and other notifications: keep reading (the idle limit
-                        // restarts with every chunk)
+                Ok(Some(Ok(chunk))) => {
+                    body.extend_from_slice(&chunk);
+                    if body.len() > cap {
+                        return Outcome::ambiguous(format!("response larger than {cap} bytes"));
                     }
-                    Err(e) => return Outcome::ambiguous(format!("malformed event data: {e}")),
                 }
             }
         }
-        if sse {
-            return Outcome::ambiguous("stream ended before the response");
-        }
-        match serde_json::from_slice::<Value>(&json_body) {
+        match serde_json::from_slice::<Value>(&body) {
             Ok(msg) => answer_to(&msg, id)
                 .unwrap_or_else(|| Outcome::ambiguous("the response answers another request")),
             Err(e) => Outcome::ambiguous(format!("malformed JSON-RPC response: {e}")),
         }
+    }
+
+    /// Reads one SSE response up to the answer to `id`: `Ok` with the outcome, or `Err` with
+    /// why the stream stopped before it (it may be resumable). Requests the server sends on
+    /// the stream are answered.
+    async fn read_events(
+        &self,
+        link: &Link,
+        resp: reqwest::Response,
+        id: u64,
+        deadline: Instant,
+        state: &mut StreamState,
+    ) -> Result<Outcome<Value>, String> {
+        let cfg = &self.inner.cfg;
+        let cap = cfg.max_response_bytes;
+        let mut stream = resp.bytes_stream();
+        let mut parser = SseParser::default();
+        loop {
+            let idle = Instant::now() + cfg.idle_timeout();
+            let chunk = match tokio::time::timeout_at(idle.min(deadline), stream.next()).await {
+                Err(_) => return Ok(Outcome::ambiguous("timed out reading the response")),
+                Ok(None) => return Err("stream ended before the response".into()),
+                Ok(Some(Err(e))) => return Err(format!("response cut: {}", source_text(&e))),
+                Ok(Some(Ok(c))) => c,
+            };
+            state.bytes += chunk.len();
+            if state.bytes > cap {
+                return Ok(Outcome::ambiguous(format!("response larger than {cap} bytes")));
+            }
+            for event in parser.push(&chunk) {
+                if let Some(event_id) = event.id {
+                    state.last_event_id = (!event_id.is_empty()).then_some(event_id);
+                }
+                if let Some(ms) = event.retry_ms {
+                    state.retry = Some(Duration::from_millis(ms));
+                }
+                if event.data.is_empty() {
+                    continue;
+                }
+                let msg = match serde_json::from_str::<Value>(&event.data) {
+                    Ok(msg) => msg,
+                    Err(e) => return Ok(Outcome::ambiguous(format!("malformed event data: {e}"))),
+                };
+                if let Some(o) = answer_to(&msg, id) {
+                    return Ok(o);
+                }
+                if let (Link::Session(session), Some(method)) =
+                    (link, msg.get("method").and_then(Value::as_str))
+                    && let Some(request_id) = msg.get("id")
+                {
+                    self.reply_later(session, request_id.clone(), method);
+                }
+                // progress and other notifications: keep reading (the idle limit restarts
+                // with every chunk)
+            }
+        }
+    }
+
+    /// Reopens a session-era answer stream after `last_event_id` (HTTP GET with
+    /// `Last-Event-ID`); the error says why it could not be.
+    async fn resume(
+        &self,
+        session: &Session,
+        last_event_id: &str,
+        deadline: Instant,
+    ) -> Result<reqwest::Response, String> {
+        let last = HeaderValue::from_str(last_event_id)
+            .map_err(|_| "its last event id cannot be sent back".to_owned())?;
+        let req = self
+            .inner
+            .http
+            .get(&self.inner.cfg.url)
+            .header(ACCEPT, "text/event-stream")
+            .header("last-event-id", last);
+        let (req, _) = self.inner.auth.apply(session_headers(req, session, false)).await?;
+        match tokio::time::timeout_at(deadline, req.send()).await {
+            Err(_) => Err("timed out resuming it".into()),
+            Ok(Err(e)) => Err(format!("resuming it failed: {}", source_text(&e))),
+            Ok(Ok(r)) if r.status().is_success() && is_sse(r.headers()) => Ok(r),
+            Ok(Ok(r)) => Err(format!("resuming it was refused with {}", r.status())),
+        }
+    }
+
+    /// Answers a request the server sent on a session-era answer stream, in the background
+    /// (the stream is read on meanwhile), best effort.
+    fn reply_later(&self, session: &Session, request_id: Value, method: &str) {
+        let body = match input::answer(method) {
+            Ok(result) => json!({ "jsonrpc": "2.0", "id": request_id, "result": result }),
+            Err(error) => json!({ "jsonrpc": "2.0", "id": request_id, "error": error }),
+        };
+        let (client, session, method) = (self.clone(), session.clone(), method.to_owned());
+        tokio::spawn(async move {
+            let req = client
+                .inner
+                .http
+                .post(&client.inner.cfg.url)
+                .header(CONTENT_TYPE, "application/json")
+                .header(ACCEPT, "application/json, text/event-stream")
+                .json(&body);
+            let Ok((req, _)) = client.inner.auth.apply(session_headers(req, &session, false)).await
+            else {
+                return;
+            };
+            match tokio::time::timeout(Duration::from_secs(10), req.send()).await {
+                Ok(Ok(r)) if r.status().is_success() => {}
+                other => tracing::debug!(server = %client.inner.cfg.name, %method,
+                    failed = ?other.map(|r| r.map(|r| r.status())), "answer to a server request not taken"),
+            }
+        });
     }
 
     /// Tells a session server to stop working on `id`, in the background, best effort.
@@ -639,6 +978,7 @@ impl McpClient {
                 params: json!({ "requestId": id, "reason": "timed out" }),
                 name: None,
                 notification: true,
+                headers: Vec::new(),
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), client.send(&link, &ex)).await;
         });
@@ -700,8 +1040,49 @@ fn with_meta(params: Value, meta: &CallMeta, link: &Link) -> Value {
     Value::Object(params)
 }
 
-/// The outcome a status alone decides, if it does.
-fn classify_status(status: StatusCode, headers: &HeaderMap, link: &Link) -> Option<Outcome<Value>> {
+/// The session headers on a request: the session id, and the negotiated revision (which
+/// 2025-03-26 does not send, and no revision sends on `initialize`).
+fn session_headers(
+    req: reqwest::RequestBuilder,
+    s: &Session,
+    initialize: bool,
+) -> reqwest::RequestBuilder {
+    let mut req = req;
+    if !initialize && s.version.as_str() > "2025-03-26" {
+        req = req.header(VERSION_HEADER, s.version.as_str());
+    }
+    if let Some(id) = &s.id {
+        req = req.header(SESSION_HEADER, id.as_str());
+    }
+    req
+}
+
+fn is_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// True when `refusal` is an `UnsupportedProtocolVersion` error that names the stateless
+/// revision among the server's supported ones.
+fn offers_stateless(refusal: &RpcError) -> bool {
+    refusal.code == UNSUPPORTED_VERSION
+        && refusal
+            .data
+            .as_ref()
+            .and_then(|d| d.get("supported"))
+            .and_then(Value::as_array)
+            .is_some_and(|vs| vs.iter().any(|v| v.as_str() == Some(STATELESS_VERSION)))
+}
+
+/// The outcome a status alone decides, if it does; `refusal` is the JSON-RPC error of a 4xx.
+fn classify_status(
+    status: StatusCode,
+    headers: &HeaderMap,
+    link: &Link,
+    refusal: Option<&RpcError>,
+) -> Option<Outcome<Value>> {
     if status.is_success() {
         return None;
     }
@@ -717,7 +1098,10 @@ fn classify_status(status: StatusCode, headers: &HeaderMap, link: &Link) -> Opti
         }
         429 | 503 => Outcome::NotDelivered { reason: format!("server busy ({code})"), retry_after },
         // refused before execution
-        400..=499 => Outcome::not_delivered(format!("rejected with {status}")),
+        400..=499 => match refusal {
+            Some(e) => Outcome::not_delivered(format!("rejected with {status}: {e}")),
+            None => Outcome::not_delivered(format!("rejected with {status}")),
+        },
         // a server or proxy error: the request may have run
         _ => Outcome::ambiguous(format!("server error {status}")),
     })
@@ -747,8 +1131,9 @@ mod tests {
             Link::Session(Session { id: Some("s".into()), version: SESSION_VERSION.into() });
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        let c =
-            |code: u16, link: &Link| classify_status(StatusCode::from_u16(code).unwrap(), &h, link);
+        let c = |code: u16, link: &Link| {
+            classify_status(StatusCode::from_u16(code).unwrap(), &h, link, None)
+        };
         assert_eq!(c(200, &session), None);
         assert_eq!(c(404, &session), Some(Outcome::not_delivered(SESSION_EXPIRED)));
         assert!(matches!(c(404, &Link::Stateless), Some(Outcome::NotDelivered { .. })));
@@ -766,6 +1151,32 @@ mod tests {
         assert!(matches!(c(400, &session), Some(Outcome::NotDelivered { .. })));
         assert!(matches!(c(500, &session), Some(Outcome::Ambiguous { .. })));
         assert!(matches!(c(502, &session), Some(Outcome::Ambiguous { .. })));
+    }
+
+    #[test]
+    fn a_refusal_names_its_json_rpc_error_and_an_offered_revision_is_retried() {
+        let refusal = RpcError {
+            code: UNSUPPORTED_VERSION,
+            message: "Unsupported protocol version".into(),
+            data: Some(json!({"supported": [STATELESS_VERSION], "requested": "2026-07-28"})),
+        };
+        let out = classify_status(
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            &Link::Stateless,
+            Some(&refusal),
+        );
+        assert_eq!(
+            out,
+            Some(Outcome::not_delivered(
+                "rejected with 400 Bad Request: Unsupported protocol version (-32022)"
+            ))
+        );
+        assert!(offers_stateless(&refusal));
+        let elsewhere = RpcError { data: Some(json!({"supported": ["2027-01-01"]})), ..refusal };
+        assert!(!offers_stateless(&elsewhere));
+        let mismatch = RpcError { code: HEADER_MISMATCH, message: "m".into(), data: None };
+        assert!(!offers_stateless(&mismatch));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 mod auth;
 mod client;
 pub mod config;
+mod headers;
+mod input;
 mod legacy;
 mod outcome;
 mod sse;

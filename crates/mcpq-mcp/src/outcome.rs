@@ -71,6 +71,10 @@ pub struct RpcError {
 impl RpcError {
     /// JSON-RPC "method not found".
     pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// mcpq's own code, never a server's: the server kept answering with an
+    /// `InputRequiredResult` that mcpq could not satisfy (no user, no model); `data` is the last
+    /// one. Outside the range JSON-RPC reserves.
+    pub const INPUT_REQUIRED: i64 = -32800;
 }
 
 impl std::fmt::Display for RpcError {
