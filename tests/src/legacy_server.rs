@@ -25,6 +25,8 @@ struct Shared {
     hold: AtomicBool,
     executions: Mutex<Vec<Value>>,
     streams_opened: AtomicU64,
+    extra_tools: Mutex<Vec<String>>,
+    lists: AtomicU64,
 }
 
 /// A running legacy server on 127.0.0.1.
@@ -76,6 +78,30 @@ impl LegacyServer {
         if let Ok(mut s) = self.shared.sessions.lock() {
             s.clear();
         }
+    }
+
+    /// Adds a tool to `tools/list` (it echoes like `echo`); announce it with
+    /// [`LegacyServer::announce_tools_changed`].
+    pub fn add_tool(&self, name: &str) {
+        if let Ok(mut t) = self.shared.extra_tools.lock() {
+            t.push(name.to_owned());
+        }
+    }
+
+    /// Sends `notifications/tools/list_changed` on every open stream.
+    pub fn announce_tools_changed(&self) {
+        if let Ok(s) = self.shared.sessions.lock() {
+            for tx in s.values() {
+                let _ = tx.send(
+                    json!({ "jsonrpc": "2.0", "method": "notifications/tools/list_changed" }),
+                );
+            }
+        }
+    }
+
+    /// `tools/list` requests answered so far.
+    pub fn lists(&self) -> u64 {
+        self.shared.lists.load(Ordering::Relaxed)
     }
 
     /// While set, requests are accepted (and tools run) but no answer is sent.
@@ -130,7 +156,13 @@ async fn message(
         }),
         "ping" => json!({}),
         "tools/list" => {
-            json!({ "tools": [{ "name": "echo", "inputSchema": { "type": "object" } }] })
+            shared.lists.fetch_add(1, Ordering::Relaxed);
+            let extra = shared.extra_tools.lock().map(|t| t.clone()).unwrap_or_default();
+            let tools: Vec<Value> = std::iter::once("echo".to_owned())
+                .chain(extra)
+                .map(|name| json!({ "name": name, "inputSchema": { "type": "object" } }))
+                .collect();
+            json!({ "tools": tools })
         }
         "tools/call" => {
             if let Ok(mut e) = shared.executions.lock() {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -104,6 +104,10 @@ struct Inner {
     /// Stateless era: the `x-mcp-header` annotations of every listed tool, or why it was
     /// rejected. Filled by `list_tools`.
     tools: RwLock<HashMap<String, Result<ParamHeaders, String>>>,
+    /// The last full tool list and when it was fetched, for [`McpClient::tools`].
+    catalog: RwLock<Option<(Instant, Arc<Vec<Value>>)>>,
+    /// Set by a `notifications/tools/list_changed` seen on any stream.
+    catalog_stale: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for McpClient {
@@ -174,6 +178,8 @@ impl McpClient {
                 link: RwLock::new(None),
                 opening: Mutex::new(()),
                 tools: RwLock::default(),
+                catalog: RwLock::default(),
+                catalog_stale: Arc::default(),
             }),
         })
     }
@@ -220,6 +226,25 @@ impl McpClient {
     ) -> Outcome<Value> {
         let params = json!({ "name": name, "arguments": arguments });
         self.request("prompts/get", params, Some(name), meta).await
+    }
+
+    /// The server's tools, from a cache kept for `tools_ttl_ms` and refreshed early when the
+    /// server announces `notifications/tools/list_changed`.
+    pub async fn tools(&self) -> Outcome<Arc<Vec<Value>>> {
+        let ttl = Duration::from_millis(self.inner.cfg.tools_ttl_ms);
+        if !self.inner.catalog_stale.load(Ordering::Acquire)
+            && let Some((at, tools)) = self.inner.catalog.read().await.as_ref()
+            && at.elapsed() < ttl
+        {
+            return Outcome::Executed(Ok(tools.clone()));
+        }
+        // cleared before listing: an announcement during the listing marks the new list stale
+        self.inner.catalog_stale.store(false, Ordering::Release);
+        let listed = self.list_tools().await.map(Arc::new);
+        if let Outcome::Executed(Ok(tools)) = &listed {
+            *self.inner.catalog.write().await = Some((Instant::now(), tools.clone()));
+        }
+        listed
     }
 
     /// `tools/list`, every page. On the stateless era a tool with an invalid `x-mcp-header`
@@ -312,24 +337,35 @@ impl McpClient {
             Err(o) => return o,
         };
         let params = with_meta(params, meta, &link);
-        if let Link::Stateless = link {
-            return self.stateless_request(method, params, name).await;
-        }
-        let ex = Exchange { method, params, name, notification: false, headers: Vec::new() };
-        if let Link::Legacy(legacy) = &link {
-            return self.legacy_request(legacy, &ex).await;
-        }
-        let outcome = self.send(&link, &ex).await;
-        if let (Link::Session(s), Outcome::NotDelivered { reason, .. }) = (&link, &outcome)
-            && reason == SESSION_EXPIRED
-        {
-            // the server forgot the session: the request was not processed; open a new one
-            // for the next request (unless another request already did)
+        let outcome = match &link {
+            Link::Stateless => self.stateless_request(method, params, name).await,
+            Link::Legacy(legacy) => {
+                let ex =
+                    Exchange { method, params, name, notification: false, headers: Vec::new() };
+                self.legacy_request(legacy, &ex).await
+            }
+            Link::Session(_) => {
+                let ex =
+                    Exchange { method, params, name, notification: false, headers: Vec::new() };
+                self.send(&link, &ex).await
+            }
+        };
+        if let Outcome::NotDelivered { reason, .. } = &outcome {
             let mut guard = self.inner.link.write().await;
-            if let Some(Link::Session(cur)) = guard.as_ref()
-                && cur.id == s.id
-            {
-                *guard = None;
+            match (&link, guard.as_ref()) {
+                // the server forgot the session: the request was not processed; open a new one
+                // for the next request (unless another request already did)
+                (Link::Session(used), Some(Link::Session(cur)))
+                    if reason == SESSION_EXPIRED && cur.id == used.id =>
+                {
+                    *guard = None;
+                }
+                // the server went away: it may come back speaking another era, so the next
+                // request probes again (a legacy stream reconnects by itself)
+                (Link::Stateless | Link::Session(_), Some(_)) if is_unreachable(reason) => {
+                    *guard = None
+                }
+                _ => {}
             }
         }
         outcome
@@ -478,6 +514,7 @@ impl McpClient {
             &credentials,
             cfg.request_timeout().min(cfg.connect_timeout() * 2),
             cfg.max_response_bytes,
+            self.inner.catalog_stale.clone(),
         )
         .await?;
         let link = Arc::new(LegacyLink { stream, initialized: Mutex::new(0) });
@@ -900,8 +937,11 @@ impl McpClient {
                 if let Some(o) = answer_to(&msg, id) {
                     return Ok(o);
                 }
-                if let (Link::Session(session), Some(method)) =
-                    (link, msg.get("method").and_then(Value::as_str))
+                let method = msg.get("method").and_then(Value::as_str);
+                if method == Some(TOOLS_CHANGED) {
+                    self.inner.catalog_stale.store(true, Ordering::Release);
+                }
+                if let (Link::Session(session), Some(method)) = (link, method)
                     && let Some(request_id) = msg.get("id")
                 {
                     self.reply_later(session, request_id.clone(), method);
@@ -986,6 +1026,8 @@ impl McpClient {
 }
 
 const SESSION_EXPIRED: &str = "session expired";
+/// The notification that invalidates the tool cache.
+pub(crate) const TOOLS_CHANGED: &str = "notifications/tools/list_changed";
 const UNREACHABLE: &str = "unreachable";
 
 fn is_unreachable(reason: &str) -> bool {

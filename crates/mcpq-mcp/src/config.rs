@@ -139,6 +139,9 @@ pub struct ServerConfig {
     /// Largest answer read, in bytes.
     #[serde(default = "four_mib")]
     pub max_response_bytes: usize,
+    /// How long a tool list is served from cache (a `list_changed` announcement ends it early).
+    #[serde(default = "five_minutes")]
+    pub tools_ttl_ms: u64,
 }
 
 fn one() -> u32 {
@@ -149,6 +152,9 @@ fn thirty_two() -> u32 {
 }
 fn four_mib() -> usize {
     4 * 1024 * 1024
+}
+fn five_minutes() -> u64 {
+    300_000
 }
 
 /// The revisions `protocol_version` may pin.
@@ -180,6 +186,7 @@ impl ServerConfig {
             trusted: false,
             timeouts: Timeouts::default(),
             max_response_bytes: four_mib(),
+            tools_ttl_ms: five_minutes(),
         }
     }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -98,6 +98,7 @@ impl LegacySession {
         headers: &[(String, String)],
         wait: Duration,
         max_event_bytes: usize,
+        tools_changed: Arc<AtomicBool>,
     ) -> Result<Self, Outcome<Value>> {
         let mut builder = ClientBuilder::for_url(url)
             .map_err(|e| Outcome::not_delivered(format!("bad SSE URL: {e}")))?
@@ -117,8 +118,14 @@ impl LegacySession {
             .map_err(|e| Outcome::not_delivered(format!("bad SSE URL: {e}")))?;
         let (tx, mut rx) = watch::channel(None);
         let waiters: Waiters = Arc::default();
-        let reader =
-            tokio::spawn(read_stream(client.stream(), base, tx, waiters.clone(), max_event_bytes));
+        let reader = tokio::spawn(read_stream(
+            client.stream(),
+            base,
+            tx,
+            waiters.clone(),
+            max_event_bytes,
+            tools_changed,
+        ));
         let found =
             tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await.map(|r| r.map(|_| ()));
         match found {
@@ -165,6 +172,7 @@ async fn read_stream(
     endpoint: watch::Sender<Option<(u64, String)>>,
     waiters: Waiters,
     max_event_bytes: usize,
+    tools_changed: Arc<AtomicBool>,
 ) {
     let mut session = 0u64;
     while let Some(item) = stream.next().await {
@@ -188,6 +196,9 @@ async fn read_stream(
                     continue;
                 }
                 let Ok(msg) = serde_json::from_str::<Value>(&ev.data) else { continue };
+                if msg.get("method").and_then(Value::as_str) == Some(crate::client::TOOLS_CHANGED) {
+                    tools_changed.store(true, Ordering::Release);
+                }
                 let Some(id) = msg.get("id").and_then(Value::as_u64) else { continue };
                 if msg.get("method").is_some() {
                     continue;
