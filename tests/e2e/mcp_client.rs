@@ -182,16 +182,47 @@ async fn a_stalled_request_times_out_as_ambiguous() -> Result<()> {
 
 #[tokio::test]
 async fn a_timed_out_call_is_cancelled_on_the_server() -> Result<()> {
-    let server = McpServer::start(Mode::SessionSse).await?;
     let quick = Timeouts { request_ms: 300, ..Timeouts::default() };
-    let c = session_client(&server, |c| c.timeouts = quick).await?;
-    let out = c.call_tool("slow", json!({"ms": 30_000}), &CallMeta::default()).await;
-    assert!(matches!(out, Outcome::Ambiguous { .. }), "{out:?}");
-    // notifications/cancelled stops the tool instead of letting it run for 30 s
-    mcpq_tests::eventually(Duration::from_secs(10), "the slow tool stops", || async {
-        Ok((server.in_flight() == 0).then_some(()))
-    })
-    .await
+    // sessions get notifications/cancelled; on the stateless era closing the stream cancels
+    for (mode, pin) in
+        [(Mode::SessionSse, Some(mcpq_mcp::SESSION_VERSION)), (Mode::Stateless, None)]
+    {
+        let server = McpServer::start(mode).await?;
+        let mut cfg = ServerConfig::new("s", server.url());
+        cfg.protocol_version = pin.map(str::to_owned);
+        cfg.timeouts = quick;
+        let c = McpClient::new(cfg)?;
+        let out = c.call_tool("slow", json!({"ms": 30_000}), &CallMeta::default()).await;
+        assert!(matches!(out, Outcome::Ambiguous { .. }), "{mode:?}: {out:?}");
+        mcpq_tests::eventually(Duration::from_secs(10), "the slow tool stops", || async {
+            Ok((server.in_flight() == 0).then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn progress_keeps_a_slow_call_alive_but_never_past_the_request_limit() -> Result<()> {
+    let server = McpServer::start(Mode::SessionSse).await?;
+    let call = |request_ms: u64, args: Value| {
+        let url = server.url();
+        async move {
+            let mut cfg = ServerConfig::new("s", url);
+            cfg.protocol_version = Some(mcpq_mcp::SESSION_VERSION.into());
+            cfg.timeouts = Timeouts { idle_ms: 300, request_ms, ..Timeouts::default() };
+            anyhow::Ok(McpClient::new(cfg)?.call_tool("slow", args, &CallMeta::default()).await)
+        }
+    };
+    // 1.2 s of silence is past the 300 ms idle limit; progress every 100 ms keeps it alive
+    let silent = call(10_000, json!({"ms": 1200})).await?;
+    assert!(matches!(silent, Outcome::Ambiguous { .. }), "{silent:?}");
+    let chatty = call(10_000, json!({"ms": 1200, "every_ms": 100})).await?;
+    assert_eq!(text_of(&executed(chatty)?), Some("slept 1200 ms"));
+    // but never past the request limit
+    let capped = call(800, json!({"ms": 1200, "every_ms": 100})).await?;
+    assert!(matches!(capped, Outcome::Ambiguous { .. }), "{capped:?}");
+    Ok(())
 }
 
 #[tokio::test]

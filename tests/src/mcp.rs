@@ -22,9 +22,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, GetPromptRequestParams,
     GetPromptResponse, GetPromptResult, Implementation, JsonObject, ListPromptsResult,
-    ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, PromptArgument,
-    PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
-    ResourceContents, Role, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    Prompt, PromptArgument, PromptMessage, ReadResourceRequestParams, ReadResourceResponse,
+    ReadResourceResult, Resource, ResourceContents, Role, ServerCapabilities, ServerConfig, Tool,
+    ToolAnnotations,
 };
 use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -540,10 +541,14 @@ fn tools() -> Vec<Tool> {
         ),
         Tool::new(
             "slow",
-            "Sleeps `ms` milliseconds, then answers; stops early when cancelled.",
+            "Sleeps `ms` milliseconds, then answers; stops early when cancelled. With `every_ms`, \
+             sends a progress notification that often (when the request asked for progress).",
             schema(json!({
                 "type": "object",
-                "properties": {"ms": {"type": "integer", "minimum": 0}},
+                "properties": {
+                    "ms": {"type": "integer", "minimum": 0},
+                    "every_ms": {"type": "integer", "minimum": 1},
+                },
                 "required": ["ms"],
             })),
         ),
@@ -622,10 +627,30 @@ impl ServerHandler for TestServer {
                 let ms = arg(&args, "ms")?
                     .as_u64()
                     .ok_or_else(|| ErrorData::invalid_params("`ms` is not an integer", None))?;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-                    _ = context.ct.cancelled() => {
-                        return Err(ErrorData::internal_error("cancelled", None));
+                // with `every_ms` and a progress token, progress is announced while it sleeps
+                let every = args.get("every_ms").and_then(Value::as_u64).map(Duration::from_millis);
+                let token = context.meta.get_progress_token();
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+                let mut step = 0u32;
+                while tokio::time::Instant::now() < deadline {
+                    let next = match (every, &token) {
+                        (Some(e), Some(_)) => (tokio::time::Instant::now() + e).min(deadline),
+                        _ => deadline,
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => {}
+                        _ = context.ct.cancelled() => {
+                            return Err(ErrorData::internal_error("cancelled", None));
+                        }
+                    }
+                    if let Some(t) = &token
+                        && every.is_some()
+                        && next < deadline
+                    {
+                        step += 1;
+                        let note = ProgressNotificationParam::new(t.clone(), f64::from(step));
+                        // a client that went away is what the calling test looks at, not this
+                        let _ = context.peer.notify_progress(note).await;
                     }
                 }
                 CallToolResult::success(vec![ContentBlock::text(format!("slept {ms} ms"))])

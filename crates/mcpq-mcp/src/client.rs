@@ -576,13 +576,8 @@ impl McpClient {
     /// One POST to a legacy endpoint; the answer arrives on the stream.
     async fn legacy_post(&self, link: &LegacyLink, url: &str, ex: &Exchange<'_>) -> Outcome<Value> {
         let id = link.stream.next_id();
-        let mut body = json!({ "jsonrpc": "2.0", "method": ex.method, "params": ex.params });
-        let answer = if ex.notification {
-            None
-        } else {
-            body["id"] = json!(id);
-            Some(link.stream.expect(id).await)
-        };
+        let body = body_of(ex, id);
+        let answer = if ex.notification { None } else { Some(link.stream.expect(id).await) };
         let deadline = Instant::now() + self.inner.cfg.request_timeout();
         let mut refreshed = false;
         let sent = loop {
@@ -680,11 +675,7 @@ impl McpClient {
     async fn exchange(&self, link: &Link, ex: &Exchange<'_>) -> Reply {
         let cfg = &self.inner.cfg;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut body = json!({ "jsonrpc": "2.0", "method": ex.method, "params": ex.params });
-        if !ex.notification {
-            body["id"] = json!(id);
-        }
-        let body = match serde_json::to_vec(&body) {
+        let body = match serde_json::to_vec(&body_of(ex, id)) {
             Ok(b) => b,
             Err(e) => {
                 return Reply::bare(Outcome::not_delivered(format!("cannot encode request: {e}")));
@@ -1038,6 +1029,22 @@ fn is_unreachable(reason: &str) -> bool {
 /// credentials to show it.
 fn stops_probing(reason: &str) -> bool {
     is_unreachable(reason) || reason.starts_with(NO_CREDENTIALS)
+}
+
+/// The JSON-RPC body of `ex` under `id`. A tool call asks for progress notifications, with its
+/// id as the token: each one restarts the idle limit of a streamed answer.
+fn body_of(ex: &Exchange<'_>, id: u64) -> Value {
+    let mut body = json!({ "jsonrpc": "2.0", "method": ex.method, "params": ex.params });
+    if !ex.notification {
+        body["id"] = json!(id);
+        if ex.method == "tools/call"
+            && let Some(params) = body["params"].as_object_mut()
+            && let Some(meta) = params.entry("_meta").or_insert_with(|| json!({})).as_object_mut()
+        {
+            meta.entry("progressToken").or_insert(json!(id));
+        }
+    }
+    body
 }
 
 /// The full error chain, for reasons people read.
