@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mcpq_mcp::{CallMeta, McpClient, Outcome, ServerConfig};
+use mcpq_tests::bench::{arg, median, own_cpu_s};
 use mcpq_tests::mcp::{McpServer, Mode};
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
@@ -28,14 +29,6 @@ struct Figures {
     p50_us: f64,
     p99_us: f64,
     cpu_us_per_call: f64,
-}
-
-/// CPU seconds (user + system) this process has used.
-fn own_cpu_s() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let rest = stat.rsplit_once(')').context("/proc/self/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / 100.0)
 }
 
 /// One way of making a call: answers whether it succeeded.
@@ -97,21 +90,6 @@ async fn measure<C: Caller>(caller: &C, calls: usize, concurrency: usize) -> Res
         p99_us: pct(0.99),
         cpu_us_per_call: cpu * 1e6 / lat.len() as f64,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn arg(name: &str, default: usize) -> Result<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => {
-            Ok(args.get(i + 1).with_context(|| format!("{name} needs a number"))?.parse()?)
-        }
-        None => Ok(default),
-    }
 }
 
 /// Child mode: serve until the parent closes our stdin.

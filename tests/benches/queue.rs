@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mcpq_queue::{Completion, NewTask, QueueName, RedisStore, Store};
 use mcpq_tests::RedisServer;
+use mcpq_tests::bench::{arg, median, own_cpu_s};
 use serde_json::{Value, json};
 
 const PRODUCERS: usize = 2;
@@ -60,16 +61,6 @@ fn commands(conn: &mut redis::Connection) -> Result<(u64, u64)> {
         }
     }
     Ok((all, client))
-}
-
-/// CPU seconds (user + system) this process has used.
-fn own_cpu_s() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    // fields after the parenthesised command name; utime and stime are the 12th and 13th
-    let rest = stat.rsplit_once(')').context("/proc/self/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
 }
 
 /// CPU seconds (user + system) the Redis server has used.
@@ -226,23 +217,6 @@ async fn run_once(n: usize, shape: Shape) -> Result<Figures> {
         round_trips_per_task: client_rt as f64 / n as f64,
         bytes_per_queued: (mem_after - mem_before) / n as f64,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn arg(name: &str, default: usize) -> Result<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .with_context(|| format!("{name} needs a number"))?
-            .parse()
-            .with_context(|| format!("{name} needs a number")),
-        None => Ok(default),
-    }
 }
 
 fn print_row(label: &str, f: &Figures) {

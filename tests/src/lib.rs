@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, RedisStore, StoreConfig};
 
 pub mod auth_server;
+pub mod bench;
 pub mod everything;
 pub mod legacy_server;
 pub mod mcp;

@@ -125,6 +125,15 @@ pub struct BuildError {
     source: reqwest::Error,
 }
 
+/// The `initialize` params for `version`.
+fn initialize_params(version: &str) -> Value {
+    json!({
+        "protocolVersion": version,
+        "capabilities": {},
+        "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
+    })
+}
+
 /// The parts of one exchange that a caller chooses.
 struct Exchange<'a> {
     method: &'a str,
@@ -135,6 +144,18 @@ struct Exchange<'a> {
     notification: bool,
     /// `Mcp-Param-*` headers mirrored from a tool call's arguments.
     headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl<'a> Exchange<'a> {
+    /// A request without headers or a name.
+    fn request(method: &'a str, params: Value) -> Self {
+        Self { method, params, name: None, notification: false, headers: Vec::new() }
+    }
+
+    /// A notification.
+    fn notification(method: &'a str, params: Value) -> Self {
+        Self { notification: true, ..Self::request(method, params) }
+    }
 }
 
 /// What one POST came to: the outcome, the response headers when there was a response, and
@@ -340,13 +361,11 @@ impl McpClient {
         let outcome = match &link {
             Link::Stateless => self.stateless_request(method, params, name).await,
             Link::Legacy(legacy) => {
-                let ex =
-                    Exchange { method, params, name, notification: false, headers: Vec::new() };
+                let ex = Exchange { name, ..Exchange::request(method, params) };
                 self.legacy_request(legacy, &ex).await
             }
             Link::Session(_) => {
-                let ex =
-                    Exchange { method, params, name, notification: false, headers: Vec::new() };
+                let ex = Exchange { name, ..Exchange::request(method, params) };
                 self.send(&link, &ex).await
             }
         };
@@ -471,13 +490,8 @@ impl McpClient {
             Some(version) => return self.initialize(version).await.map(Link::Session),
             None => {}
         }
-        let discover = Exchange {
-            method: "server/discover",
-            params: with_meta(json!({}), &CallMeta::default(), &Link::Stateless),
-            name: None,
-            notification: false,
-            headers: Vec::new(),
-        };
+        let meta = with_meta(json!({}), &CallMeta::default(), &Link::Stateless);
+        let discover = Exchange::request("server/discover", meta);
         match self.send(&Link::Stateless, &discover).await {
             Outcome::Executed(Ok(_)) => return Ok(Link::Stateless),
             // a connection that fails is no answer about the era
@@ -531,18 +545,8 @@ impl McpClient {
         if *initialized == session {
             return Ok(url);
         }
-        let params = json!({
-            "protocolVersion": LEGACY_VERSION,
-            "capabilities": {},
-            "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
-        });
-        let init = Exchange {
-            method: "initialize",
-            params,
-            name: None,
-            notification: false,
-            headers: Vec::new(),
-        };
+        let params = initialize_params(LEGACY_VERSION);
+        let init = Exchange::request("initialize", params);
         match self.legacy_post(link, &url, &init).await {
             Outcome::Executed(Ok(_)) => {}
             Outcome::Executed(Err(e)) => {
@@ -550,13 +554,7 @@ impl McpClient {
             }
             other => return Err(other),
         }
-        let note = Exchange {
-            method: "notifications/initialized",
-            params: json!({}),
-            name: None,
-            notification: true,
-            headers: Vec::new(),
-        };
+        let note = Exchange::notification("notifications/initialized", json!({}));
         match self.legacy_post(link, &url, &note).await {
             Outcome::Executed(_) => {
                 *initialized = session;
@@ -627,19 +625,9 @@ impl McpClient {
     }
 
     async fn initialize(&self, version: &str) -> Result<Session, Outcome<Value>> {
-        let params = json!({
-            "protocolVersion": version,
-            "capabilities": {},
-            "clientInfo": { "name": "mcpq", "version": env!("CARGO_PKG_VERSION") },
-        });
+        let params = initialize_params(version);
         let fresh = Session { id: None, version: version.to_owned() };
-        let ex = Exchange {
-            method: "initialize",
-            params,
-            name: None,
-            notification: false,
-            headers: Vec::new(),
-        };
+        let ex = Exchange::request("initialize", params);
         let reply = self.exchange(&Link::Session(fresh), &ex).await;
         let (result, headers) = match reply.outcome {
             Outcome::Executed(Ok(v)) => (v, reply.headers),
@@ -653,13 +641,7 @@ impl McpClient {
         let id = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let session = Session { id, version };
         let link = Link::Session(session.clone());
-        let note = Exchange {
-            method: "notifications/initialized",
-            params: json!({}),
-            name: None,
-            notification: true,
-            headers: Vec::new(),
-        };
+        let note = Exchange::notification("notifications/initialized", json!({}));
         match self.send(&link, &note).await {
             Outcome::Executed(_) => Ok(session),
             other => Err(other),
@@ -1004,13 +986,10 @@ impl McpClient {
         }
         let (client, link) = (self.clone(), link.clone());
         tokio::spawn(async move {
-            let ex = Exchange {
-                method: "notifications/cancelled",
-                params: json!({ "requestId": id, "reason": "timed out" }),
-                name: None,
-                notification: true,
-                headers: Vec::new(),
-            };
+            let ex = Exchange::notification(
+                "notifications/cancelled",
+                json!({ "requestId": id, "reason": "timed out" }),
+            );
             let _ = tokio::time::timeout(Duration::from_secs(5), client.send(&link, &ex)).await;
         });
     }
