@@ -210,17 +210,18 @@ async fn progress_keeps_a_slow_call_alive_but_never_past_the_request_limit() -> 
         async move {
             let mut cfg = ServerConfig::new("s", url);
             cfg.protocol_version = Some(mcpq_mcp::SESSION_VERSION.into());
-            cfg.timeouts = Timeouts { idle_ms: 300, request_ms, ..Timeouts::default() };
+            cfg.timeouts = Timeouts { idle_ms: 1000, request_ms, ..Timeouts::default() };
             anyhow::Ok(McpClient::new(cfg)?.call_tool("slow", args, &CallMeta::default()).await)
         }
     };
-    // 1.2 s of silence is past the 300 ms idle limit; progress every 100 ms keeps it alive
-    let silent = call(10_000, json!({"ms": 1200})).await?;
+    // 2.5 s of silence is past the 1 s idle limit; progress every 100 ms keeps it alive (the
+    // margins are wide so a busy machine cannot delay a notification past the limit)
+    let silent = call(10_000, json!({"ms": 2500})).await?;
     assert!(matches!(silent, Outcome::Ambiguous { .. }), "{silent:?}");
-    let chatty = call(10_000, json!({"ms": 1200, "every_ms": 100})).await?;
-    assert_eq!(text_of(&executed(chatty)?), Some("slept 1200 ms"));
+    let chatty = call(10_000, json!({"ms": 2500, "every_ms": 100})).await?;
+    assert_eq!(text_of(&executed(chatty)?), Some("slept 2500 ms"));
     // but never past the request limit
-    let capped = call(800, json!({"ms": 1200, "every_ms": 100})).await?;
+    let capped = call(1500, json!({"ms": 2500, "every_ms": 100})).await?;
     assert!(matches!(capped, Outcome::Ambiguous { .. }), "{capped:?}");
     Ok(())
 }
