@@ -4,7 +4,8 @@
 //! opened by one of them while the others wait for it. Session-era SSE answers are resumed
 //! (`Last-Event-ID`, after the server's `retry:`) and the server's own requests on them answered;
 //! stateless requests carry the SEP-2243 headers and follow multi round-trip input requests.
-//! The HTTP exchange itself lives in `client/http.rs`, the legacy handshake in `client/legacy_link.rs`.
+//! The HTTP exchange itself lives in `client/http.rs`, the legacy handshake in
+//! `client/legacy_link.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
