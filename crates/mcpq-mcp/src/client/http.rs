@@ -4,6 +4,18 @@
 
 use super::*;
 
+/// What reading an answer's body gave next.
+pub(super) enum Next {
+    /// More bytes.
+    Chunk(bytes::Bytes),
+    /// The body ended.
+    End,
+    /// The connection broke; the reason says how.
+    Cut(String),
+    /// Reading must stop with this outcome (time limit or size cap).
+    Stop(Outcome<Value>),
+}
+
 /// What one POST came to: the outcome, the response headers when there was a response, and
 /// the JSON-RPC error a refusing (4xx) response carried.
 pub(super) struct Reply {
@@ -216,30 +228,45 @@ impl McpClient {
         }
     }
 
+    /// The next chunk of an answer, within the idle limit (restarted by every chunk) and the
+    /// request deadline, counted in `seen` against the size cap.
+    async fn next_chunk<S>(&self, stream: &mut S, deadline: Instant, seen: &mut usize) -> Next
+    where
+        S: futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+    {
+        let cfg = &self.inner.cfg;
+        let idle = Instant::now() + cfg.idle_timeout();
+        match tokio::time::timeout_at(idle.min(deadline), stream.next()).await {
+            Err(_) => Next::Stop(Outcome::ambiguous("timed out reading the response")),
+            Ok(None) => Next::End,
+            Ok(Some(Err(e))) => Next::Cut(format!("response cut: {}", source_text(&e))),
+            Ok(Some(Ok(chunk))) => {
+                *seen += chunk.len();
+                if *seen > cfg.max_response_bytes {
+                    let cap = cfg.max_response_bytes;
+                    return Next::Stop(Outcome::ambiguous(format!(
+                        "response larger than {cap} bytes"
+                    )));
+                }
+                Next::Chunk(chunk)
+            }
+        }
+    }
+
     pub(super) async fn read_json(
         &self,
         resp: reqwest::Response,
         id: u64,
         deadline: Instant,
     ) -> Outcome<Value> {
-        let cfg = &self.inner.cfg;
-        let cap = cfg.max_response_bytes;
         let mut stream = resp.bytes_stream();
-        let mut body = Vec::new();
+        let (mut body, mut seen) = (Vec::new(), 0);
         loop {
-            let idle = Instant::now() + cfg.idle_timeout();
-            match tokio::time::timeout_at(idle.min(deadline), stream.next()).await {
-                Err(_) => return Outcome::ambiguous("timed out reading the response"),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    return Outcome::ambiguous(format!("response cut: {}", source_text(&e)));
-                }
-                Ok(Some(Ok(chunk))) => {
-                    body.extend_from_slice(&chunk);
-                    if body.len() > cap {
-                        return Outcome::ambiguous(format!("response larger than {cap} bytes"));
-                    }
-                }
+            match self.next_chunk(&mut stream, deadline, &mut seen).await {
+                Next::Chunk(chunk) => body.extend_from_slice(&chunk),
+                Next::End => break,
+                Next::Cut(reason) => return Outcome::ambiguous(reason),
+                Next::Stop(outcome) => return outcome,
             }
         }
         match serde_json::from_slice::<Value>(&body) {
@@ -260,22 +287,15 @@ impl McpClient {
         deadline: Instant,
         state: &mut StreamState,
     ) -> Result<Outcome<Value>, String> {
-        let cfg = &self.inner.cfg;
-        let cap = cfg.max_response_bytes;
         let mut stream = resp.bytes_stream();
         let mut parser = SseParser::default();
         loop {
-            let idle = Instant::now() + cfg.idle_timeout();
-            let chunk = match tokio::time::timeout_at(idle.min(deadline), stream.next()).await {
-                Err(_) => return Ok(Outcome::ambiguous("timed out reading the response")),
-                Ok(None) => return Err("stream ended before the response".into()),
-                Ok(Some(Err(e))) => return Err(format!("response cut: {}", source_text(&e))),
-                Ok(Some(Ok(c))) => c,
+            let chunk = match self.next_chunk(&mut stream, deadline, &mut state.bytes).await {
+                Next::Chunk(c) => c,
+                Next::End => return Err("stream ended before the response".into()),
+                Next::Cut(reason) => return Err(reason),
+                Next::Stop(outcome) => return Ok(outcome),
             };
-            state.bytes += chunk.len();
-            if state.bytes > cap {
-                return Ok(Outcome::ambiguous(format!("response larger than {cap} bytes")));
-            }
             for event in parser.push(&chunk) {
                 if let Some(event_id) = event.id {
                     state.last_event_id = (!event_id.is_empty()).then_some(event_id);
