@@ -97,7 +97,6 @@ macro_rules! event_kinds {
             }
 
             /// The short code the stream stores.
-            #[cfg(test)]
             pub(crate) fn code(self) -> &'static str {
                 match self { $(EventKind::$variant => $code,)* }
             }
@@ -124,6 +123,13 @@ event_kinds! {
     ServerDegraded = "sdeg", "server.degraded", "A server failed health checks and is degraded.";
     ServerOffline = "soff", "server.offline", "A server is offline; its tasks were redistributed.";
     ServerRecovered = "srec", "server.recovered", "A server answers again.";
+}
+
+impl EventKind {
+    /// A server's health change rather than a task's transition.
+    pub fn is_server(self) -> bool {
+        matches!(self, Self::ServerDegraded | Self::ServerOffline | Self::ServerRecovered)
+    }
 }
 
 impl fmt::Display for EventKind {

@@ -129,6 +129,7 @@ pub(crate) fn decode(queue: &QueueName, id: TaskId, raw: &[u8]) -> Result<Record
         timeout: spec.timeout_ms.map(|ms| Duration::from_millis(ms.into())),
         idempotent: flags & FLAG_IDEMPOTENT != 0,
         idempotency_key: spec.idempotency_key,
+        expires: spec.expires_ms.map(Duration::from_millis),
         metadata: spec.metadata,
         state,
         attempt,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::event::{Event, EventId};
+use crate::event::{Event, EventId, EventKind};
 use crate::task::{NewTask, QueueName, Task, TaskId, TaskState};
 
 /// Proof of a claim; presented to settle or renew the task.
@@ -24,6 +24,12 @@ impl ClaimToken {
     /// The token's number (the task's claim count).
     pub fn get(self) -> u32 {
         self.0
+    }
+
+    /// A token of a given number, for tests of code that holds claims. A forged token
+    /// gains nothing: the store compares it with the task's claim count.
+    pub fn from_raw(n: u32) -> Self {
+        Self(n)
     }
 }
 
@@ -298,6 +304,17 @@ pub trait Store: Clone + Send + Sync + 'static {
         max: usize,
         block: Option<Duration>,
     ) -> impl Future<Output = Result<Vec<Event>>> + Send;
+
+    /// Appends an event that no task transition writes (a server's health changed), with the
+    /// server and a detail; answers its id. Task kinds are refused: those come only with
+    /// their transition.
+    fn publish(
+        &self,
+        queue: &QueueName,
+        kind: EventKind,
+        server: &str,
+        detail: &str,
+    ) -> impl Future<Output = Result<EventId>> + Send;
 
     /// The id of the newest retained event, if any.
     fn last_event_id(

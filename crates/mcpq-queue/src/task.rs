@@ -267,6 +267,8 @@ pub(crate) struct Spec {
     pub(crate) timeout_ms: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) expires_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub(crate) metadata: Map<String, Value>,
 }
@@ -295,6 +297,10 @@ pub struct NewTask {
     pub idempotency_key: Option<String>,
     /// Wait this long (by the store's clock) before the first attempt.
     pub delay: Option<Duration>,
+    /// Give up when no attempt could start within this long of the task's creation (no
+    /// server offered its tool, its pinned server stayed away): the task fails instead of
+    /// waiting on. Never cuts an attempt short.
+    pub expires: Option<Duration>,
     /// Free-form data carried with the task.
     pub metadata: Map<String, Value>,
 }
@@ -312,6 +318,7 @@ impl NewTask {
             idempotent: false,
             idempotency_key: None,
             delay: None,
+            expires: None,
             metadata: Map::new(),
         }
     }
@@ -386,6 +393,12 @@ impl NewTask {
         self
     }
 
+    /// Fails the task when no attempt started within `expires` of its creation.
+    pub fn expires(mut self, expires: Duration) -> Self {
+        self.expires = Some(expires);
+        self
+    }
+
     /// Attaches metadata.
     pub fn metadata(mut self, metadata: Map<String, Value>) -> Self {
         self.metadata = metadata;
@@ -442,6 +455,13 @@ impl NewTask {
             Some(d) => d.as_millis() as u64,
             None => 0,
         };
+        let expires_ms = match self.expires {
+            Some(e) if e.is_zero() || e > MAX_DELAY => {
+                return Err(invalid("expires_ms", "must be 1 ms to 365 days"));
+            }
+            Some(e) => Some(e.as_millis() as u64),
+            None => None,
+        };
         if let Some(key) = &self.idempotency_key
             && (key.is_empty() || key.len() > 256 || key.chars().any(char::is_control))
         {
@@ -453,6 +473,7 @@ impl NewTask {
             backoff: self.backoff,
             timeout_ms,
             idempotency_key: self.idempotency_key.clone(),
+            expires_ms,
             metadata: self.metadata.clone(),
         };
         let bytes = rmp_serde::to_vec_named(&spec).map_err(|e| invalid("task", e.to_string()))?;
@@ -612,6 +633,8 @@ pub struct Task {
     pub idempotent: bool,
     /// The idempotency key it was submitted with.
     pub idempotency_key: Option<String>,
+    /// How long after creation an attempt may still start.
+    pub expires: Option<Duration>,
     /// Free-form data.
     pub metadata: Map<String, Value>,
     /// Where it is now.
@@ -695,6 +718,7 @@ mod tests {
             "delay_ms"
         );
         assert_eq!(field(NewTask::tool("t", json!({"a": "x".repeat(600_000)}))), "task");
+        assert_eq!(field(NewTask::tool("t", json!({})).expires(Duration::ZERO)), "expires_ms");
         let mut deep = json!(1);
         for _ in 0..100 {
             deep = json!([deep]);

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use mcpq_fleet::{DispatchConfig, HealthConfig};
 use mcpq_mcp::ServerConfig;
 use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, StoreConfig};
 use serde::Deserialize;
@@ -31,6 +32,12 @@ impl From<mcpq_mcp::ConfigError> for Error {
     }
 }
 
+impl From<mcpq_fleet::ConfigError> for Error {
+    fn from(e: mcpq_fleet::ConfigError) -> Self {
+        Self::Invalid { key: e.key, message: e.message }
+    }
+}
+
 impl From<mcpq_queue::InvalidInput> for Error {
     fn from(e: mcpq_queue::InvalidInput) -> Self {
         Self::Invalid { key: e.field, message: e.message }
@@ -41,8 +48,14 @@ impl From<mcpq_queue::InvalidInput> for Error {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// This replica's name in logs and events; empty: `<hostname>-<pid>`.
+    pub node: String,
     /// `[store]`.
     pub store: StoreConfig,
+    /// `[health]`.
+    pub health: HealthConfig,
+    /// `[dispatch]`.
+    pub dispatch: DispatchConfig,
     /// `[queues.<name>]`.
     pub queues: HashMap<String, QueueConfig>,
     /// `[[servers]]`.
@@ -87,6 +100,14 @@ impl Config {
     /// Checks every value.
     pub fn validate(&self) -> Result<(), Error> {
         self.store.validate()?;
+        self.health.validate()?;
+        self.dispatch.validate()?;
+        if self.node.len() > 128 || self.node.chars().any(char::is_control) {
+            return Err(Error::Invalid {
+                key: "node".to_owned(),
+                message: "must be at most 128 printable characters".to_owned(),
+            });
+        }
         for (name, q) in &self.queues {
             QueueName::new(name.as_str()).map_err(|e| Error::Invalid {
                 key: format!("queues.{name}"),
@@ -105,6 +126,19 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The queues a replica works: `default` and every `[queues.<name>]`, sorted.
+    pub fn served_queues(&self) -> Vec<QueueName> {
+        let mut out: Vec<QueueName> = self
+            .queues
+            .keys()
+            .filter_map(|n| QueueName::new(n.as_str()).ok())
+            .chain(std::iter::once(QueueName::default()))
+            .collect();
+        out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        out.dedup();
+        out
     }
 
     /// The `[queues]` table in the form stores take.
@@ -218,5 +252,34 @@ mod tests {
         let cfg = Config::from_toml(&text).unwrap();
         assert_eq!(cfg.store, StoreConfig::default());
         assert_eq!(cfg.queues["default"], QueueConfig::default());
+        assert_eq!(cfg.health, HealthConfig::default());
+        assert_eq!(cfg.dispatch, DispatchConfig::default());
+        assert_eq!(cfg.node, "");
+    }
+
+    #[test]
+    fn fleet_sections_name_their_bad_keys() {
+        assert_eq!(
+            key_of(Config::from_toml(
+                "[health]
+degraded_after = 9
+offline_after = 3"
+            )),
+            "health.degraded_after"
+        );
+        assert_eq!(
+            key_of(Config::from_toml(
+                "[dispatch]
+lease_ms = 1"
+            )),
+            "dispatch.lease_ms"
+        );
+        let e = Config::from_toml(
+            "[dispatch]
+strategy = \"fastest\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fastest") && e.contains("dispatch.strategy"), "{e}");
     }
 }

@@ -548,6 +548,45 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn publish(
+        &self,
+        queue: &QueueName,
+        kind: EventKind,
+        server: &str,
+        detail: &str,
+    ) -> Result<EventId> {
+        if !kind.is_server() {
+            return Err(Error::Invalid(crate::InvalidInput::new(
+                "kind",
+                format!("{kind} is written by its transition, not published"),
+            )));
+        }
+        let k = &self.keys(queue);
+        let max = self.cfg(queue).events_max;
+        let pack = |s: &str| {
+            // a one-element array of a string cannot fail to encode
+            rmp_serde::to_vec(&[s]).unwrap_or_default()
+        };
+        let (s, e) = (pack(server), pack(detail));
+        // an XADD alone: not safe to repeat on a dropped connection (it would add a second entry)
+        let id: String = redis::cmd("XADD")
+            .arg(&k.events)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(max)
+            .arg("*")
+            .arg("k")
+            .arg(kind.code())
+            .arg("s")
+            .arg(s)
+            .arg("e")
+            .arg(e)
+            .query_async(&mut self.conn())
+            .await?;
+        let entry: EventId = id.parse().map_err(|_| Error::Corrupt(format!("stream id {id}")))?;
+        Ok(EventId { index: 0, ..entry })
+    }
+
     async fn last_event_id(&self, queue: &QueueName) -> Result<Option<EventId>> {
         let k = &self.keys(queue);
         let reply: StreamRangeReply = self

@@ -1,0 +1,518 @@
+//! What the actors share and what outlives any one of them: the ledger of claimed tasks, the
+//! server table (health, availability, tools) and the current actor refs. An actor that
+//! crashes and is restarted finds everything here, so a crash loses no task: messages between
+//! actors are only wake-ups, the facts live in these tables. Locks are plain mutexes, held
+//! for a few lookups and never across an await; the lock order is servers, then ledger.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use mcpq_mcp::{Outcome, ServerConfig};
+use mcpq_queue::{ClaimToken, QueueName, Task, TaskId};
+use ractor::{ActorId, ActorRef};
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tokio::task::AbortHandle;
+
+use crate::client_actor::ClientMsg;
+use crate::health::HealthMsg;
+use crate::work_queue::{Decision, WorkQueueMsg};
+
+/// A server's health as the HealthMonitor sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Answering.
+    Online,
+    /// Failing, still used.
+    Degraded,
+    /// Not used; its tasks were handed to other servers.
+    Offline,
+}
+
+impl Health {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Degraded => "degraded",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+/// The tools a server listed.
+#[derive(Debug, Default)]
+pub(crate) struct Tools {
+    pub(crate) names: HashSet<String>,
+    /// Tools whose annotations say a repeat is harmless (`idempotentHint` or `readOnlyHint`);
+    /// filled only for servers marked `trusted`.
+    pub(crate) safe: HashSet<String>,
+}
+
+/// One row of the server table.
+#[derive(Debug)]
+pub(crate) struct ServerInfo {
+    pub(crate) cfg: Arc<ServerConfig>,
+    pub(crate) health: Health,
+    /// Consecutive failed probes and calls.
+    pub(crate) failures: u32,
+    /// False while its breaker is open or a `Retry-After` pauses it.
+    pub(crate) available: bool,
+    pub(crate) tools: Option<Arc<Tools>>,
+    pub(crate) era: Option<String>,
+}
+
+impl ServerInfo {
+    pub(crate) fn new(cfg: ServerConfig) -> Self {
+        Self {
+            cfg: Arc::new(cfg),
+            health: Health::Online,
+            failures: 0,
+            available: true,
+            tools: None,
+            era: None,
+        }
+    }
+}
+
+/// What a finished entry asks the WorkQueue to record.
+#[derive(Debug)]
+pub(crate) enum Settle {
+    /// The attempt ran (or tried to) on `server`.
+    Attempt { server: String, outcome: Outcome<Value> },
+    /// Hand back without an attempt (no server can take it now, or shutting down).
+    Release { delay: Duration, reason: String },
+    /// Fail for good without an attempt.
+    Expire { reason: String },
+    /// Already classified; the store could not take it last time.
+    Decided(Decision),
+}
+
+#[derive(Debug)]
+pub(crate) enum Phase {
+    /// Claimed, waiting for a free slot on a server that can take it.
+    Parked,
+    /// Handed to a ClientActor (`to`), not yet started.
+    Sent { server: String, to: ActorId },
+    /// The call runs.
+    Calling { server: String, abort: AbortHandle },
+    /// Finished; waiting to be recorded in the store.
+    Done(Settle),
+}
+
+/// A claimed task.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) queue: QueueName,
+    pub(crate) task: Arc<Task>,
+    pub(crate) token: ClaimToken,
+    pub(crate) phase: Phase,
+}
+
+impl Entry {
+    pub(crate) fn new(queue: QueueName, task: Task, token: ClaimToken) -> Self {
+        Self { queue, task: Arc::new(task), token, phase: Phase::Parked }
+    }
+}
+
+/// Every task this replica holds a claim on, and calls in flight per server.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    entries: HashMap<TaskId, Entry>,
+    load: HashMap<String, u32>,
+    done: Vec<TaskId>,
+    parked: VecDeque<TaskId>,
+}
+
+impl Ledger {
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn load(&self, server: &str) -> u32 {
+        self.load.get(server).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn parked(&self) -> usize {
+        self.parked.len()
+    }
+
+    pub(crate) fn get(&self, id: &TaskId) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    /// Adds a freshly claimed task as parked.
+    pub(crate) fn insert(&mut self, id: TaskId, entry: Entry) {
+        self.parked.push_back(id);
+        self.entries.insert(id, entry);
+    }
+
+    /// Parked tasks, oldest claim first.
+    pub(crate) fn parked_ids(&self) -> Vec<TaskId> {
+        self.parked.iter().copied().collect()
+    }
+
+    /// Marks a parked task handed to a server's actor.
+    pub(crate) fn send(&mut self, id: TaskId, server: &str, to: ActorId) {
+        if let Some(e) = self.entries.get_mut(&id)
+            && matches!(e.phase, Phase::Parked)
+        {
+            self.parked.retain(|p| *p != id);
+            e.phase = Phase::Sent { server: server.to_owned(), to };
+            *self.load.entry(server.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Marks a sent task's call started; false when the task was taken away meanwhile (the
+    /// caller must then abort the call).
+    pub(crate) fn start(&mut self, id: TaskId, abort: AbortHandle) -> bool {
+        match self.entries.get_mut(&id) {
+            Some(e) => match &e.phase {
+                Phase::Sent { server, .. } => {
+                    e.phase = Phase::Calling { server: server.clone(), abort };
+                    true
+                }
+                _ => false,
+            },
+            None => false,
+        }
+    }
+
+    /// Finishes a task that is not finished yet; answers whether it was.
+    pub(crate) fn finish(&mut self, id: TaskId, settle: Settle) -> bool {
+        let Some(e) = self.entries.get_mut(&id) else { return false };
+        match &e.phase {
+            Phase::Done(_) => return false,
+            Phase::Parked => self.parked.retain(|p| *p != id),
+            Phase::Sent { server, .. } | Phase::Calling { server, .. } => {
+                if let Some(n) = self.load.get_mut(server) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        e.phase = Phase::Done(settle);
+        self.done.push(id);
+        true
+    }
+
+    /// Finishes the calls running or sent on `server` (its server went away): sent ones were
+    /// never delivered, running ones are aborted and their outcome is unknown. Answers how many.
+    pub(crate) fn redistribute(&mut self, server: &str, reason: &str) -> usize {
+        self.finish_where(reason, |p| match p {
+            Phase::Sent { server: s, .. } | Phase::Calling { server: s, .. } => s == server,
+            _ => false,
+        })
+    }
+
+    /// Finishes the tasks sent to a ClientActor that died before starting them.
+    pub(crate) fn undelivered(&mut self, dead: ActorId, reason: &str) -> usize {
+        self.finish_where(reason, |p| matches!(p, Phase::Sent { to, .. } if *to == dead))
+    }
+
+    /// Hands the parked tasks back (shutdown); answers how many.
+    pub(crate) fn abandon_parked(&mut self, reason: &str) -> usize {
+        self.finish_where(reason, |p| matches!(p, Phase::Parked))
+    }
+
+    /// Aborts every call and hands every task back (shutdown past its drain time).
+    pub(crate) fn abandon_all(&mut self, reason: &str) -> usize {
+        self.finish_where(reason, |p| !matches!(p, Phase::Done(_)))
+    }
+
+    fn finish_where(&mut self, reason: &str, pick: impl Fn(&Phase) -> bool) -> usize {
+        let ids: Vec<TaskId> =
+            self.entries.iter().filter(|(_, e)| pick(&e.phase)).map(|(id, _)| *id).collect();
+        for id in &ids {
+            let Some(e) = self.entries.get(id) else { continue };
+            let settle = match &e.phase {
+                Phase::Sent { server, .. } => Settle::Attempt {
+                    server: server.clone(),
+                    outcome: Outcome::NotDelivered { reason: reason.to_owned(), retry_after: None },
+                },
+                Phase::Calling { server, abort } => {
+                    abort.abort();
+                    Settle::Attempt {
+                        server: server.clone(),
+                        outcome: Outcome::Ambiguous { reason: reason.to_owned() },
+                    }
+                }
+                Phase::Parked => {
+                    Settle::Release { delay: Duration::ZERO, reason: reason.to_owned() }
+                }
+                Phase::Done(_) => continue,
+            };
+            self.finish(*id, settle);
+        }
+        ids.len()
+    }
+
+    /// Removes and answers the finished tasks.
+    pub(crate) fn take_done(&mut self) -> Vec<(TaskId, Entry)> {
+        let ids = std::mem::take(&mut self.done);
+        ids.into_iter().filter_map(|id| self.entries.remove(&id).map(|e| (id, e))).collect()
+    }
+
+    /// Puts finished tasks back after the store could not record them.
+    pub(crate) fn restore(&mut self, items: Vec<(TaskId, Entry)>) {
+        for (id, e) in items {
+            self.done.push(id);
+            self.entries.insert(id, e);
+        }
+    }
+
+    /// The claims to renew, per queue.
+    pub(crate) fn leases(&self) -> HashMap<QueueName, Vec<(TaskId, ClaimToken)>> {
+        let mut out: HashMap<QueueName, Vec<_>> = HashMap::new();
+        for (id, e) in &self.entries {
+            out.entry(e.queue.clone()).or_default().push((*id, e.token));
+        }
+        out
+    }
+
+    /// Forgets a task whose claim is gone (another replica took it, or it was cancelled),
+    /// aborting its call. The store keeps whatever the new holder records.
+    pub(crate) fn forget(&mut self, id: TaskId, token: ClaimToken) -> bool {
+        if self.entries.get(&id).is_none_or(|e| e.token != token) {
+            return false;
+        }
+        let Some(e) = self.entries.remove(&id) else { return false };
+        match e.phase {
+            Phase::Parked => self.parked.retain(|p| *p != id),
+            Phase::Sent { server, .. } => self.unload(&server),
+            Phase::Calling { server, abort } => {
+                abort.abort();
+                self.unload(&server);
+            }
+            Phase::Done(_) => self.done.retain(|d| *d != id),
+        }
+        true
+    }
+
+    fn unload(&mut self, server: &str) {
+        if let Some(n) = self.load.get_mut(server) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Counters since the fleet started.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) claimed: AtomicU64,
+    pub(crate) dispatched: AtomicU64,
+    pub(crate) succeeded: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) released: AtomicU64,
+    pub(crate) review: AtomicU64,
+    pub(crate) dead: AtomicU64,
+    pub(crate) fenced: AtomicU64,
+    pub(crate) redistributed: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Refs {
+    work_queue: Option<ActorRef<WorkQueueMsg>>,
+    health: Option<ActorRef<HealthMsg>>,
+    clients: HashMap<String, ActorRef<ClientMsg>>,
+}
+
+/// A server's health change, as subscribers see it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ServerEvent {
+    /// The server.
+    pub server: String,
+    /// Its health now.
+    pub health: Health,
+    /// Its health before.
+    pub was: Health,
+    /// The failure that caused it, or what answered.
+    pub reason: String,
+}
+
+/// The state shared by one fleet's actors.
+pub(crate) struct Shared {
+    pub(crate) node: String,
+    ledger: Mutex<Ledger>,
+    servers: RwLock<Vec<ServerInfo>>,
+    refs: Mutex<Refs>,
+    pump_pending: AtomicBool,
+    pub(crate) events: broadcast::Sender<ServerEvent>,
+    pub(crate) counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // a panic while holding the lock left plain data (no half-applied invariant spans an
+    // unwind point in these tables); keep going rather than poison the fleet
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn new(node: String, servers: Vec<ServerConfig>) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            ledger: Mutex::new(Ledger::default()),
+            servers: RwLock::new(servers.into_iter().map(ServerInfo::new).collect()),
+            refs: Mutex::new(Refs::default()),
+            pump_pending: AtomicBool::new(false),
+            events: broadcast::channel(1024).0,
+            counters: Counters::default(),
+        })
+    }
+
+    pub(crate) fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.ledger)
+    }
+
+    pub(crate) fn servers(&self) -> RwLockReadGuard<'_, Vec<ServerInfo>> {
+        self.servers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn servers_mut(&self) -> RwLockWriteGuard<'_, Vec<ServerInfo>> {
+        self.servers.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the named server's row, if it exists.
+    pub(crate) fn with_server<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut ServerInfo) -> T,
+    ) -> Option<T> {
+        self.servers_mut().iter_mut().find(|s| s.cfg.name == name).map(f)
+    }
+
+    /// Wakes the WorkQueue; many wake-ups before it runs make one.
+    pub(crate) fn pump(&self) {
+        if self.pump_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let wq = lock(&self.refs).work_queue.clone();
+        if wq.is_none_or(|wq| wq.send_message(WorkQueueMsg::Pump).is_err()) {
+            // no WorkQueue now: the next one pumps when it starts
+            self.pump_pending.store(false, Ordering::Release);
+        }
+    }
+
+    /// Called by the WorkQueue when a pump starts: later wake-ups send a new message.
+    pub(crate) fn pumped(&self) {
+        self.pump_pending.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn set_work_queue(&self, r: Option<ActorRef<WorkQueueMsg>>) {
+        lock(&self.refs).work_queue = r;
+    }
+
+    pub(crate) fn work_queue(&self) -> Option<ActorRef<WorkQueueMsg>> {
+        lock(&self.refs).work_queue.clone()
+    }
+
+    pub(crate) fn set_health(&self, r: Option<ActorRef<HealthMsg>>) {
+        lock(&self.refs).health = r;
+    }
+
+    pub(crate) fn health_ref(&self) -> Option<ActorRef<HealthMsg>> {
+        lock(&self.refs).health.clone()
+    }
+
+    pub(crate) fn set_client(&self, name: &str, r: Option<ActorRef<ClientMsg>>) {
+        let mut refs = lock(&self.refs);
+        match r {
+            Some(r) => refs.clients.insert(name.to_owned(), r),
+            None => refs.clients.remove(name),
+        };
+    }
+
+    pub(crate) fn client(&self, name: &str) -> Option<ActorRef<ClientMsg>> {
+        lock(&self.refs).clients.get(name).cloned()
+    }
+
+    /// Tells the HealthMonitor what a call or probe showed.
+    pub(crate) fn observe(&self, server: &str, ok: bool, reason: String) {
+        if let Some(h) = self.health_ref() {
+            // a dead monitor misses one observation; the next probe tells again
+            let _ = h.send_message(HealthMsg::Observed { server: server.to_owned(), ok, reason });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcpq_queue::{Call, Route, TaskState};
+
+    fn task() -> Task {
+        Task {
+            id: TaskId::new(),
+            queue: QueueName::default(),
+            call: Call::Tool { name: "echo".into(), arguments: Value::Null },
+            priority: 0,
+            route: Route::default(),
+            max_attempts: 3,
+            backoff: Default::default(),
+            timeout: None,
+            idempotent: false,
+            idempotency_key: None,
+            expires: None,
+            metadata: Default::default(),
+            state: TaskState::Running,
+            attempt: 1,
+            server: None,
+            result: None,
+            error: None,
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn ledger_counts_load_and_settles_each_task_once() {
+        let mut l = Ledger::default();
+        let t = task();
+        let id = t.id;
+        let token = ClaimToken::from_raw(1);
+        l.insert(id, Entry::new(QueueName::default(), t, token));
+        assert_eq!(l.parked(), 1);
+        let actor = ractor::ActorId::Local(1);
+        l.send(id, "a", actor);
+        assert_eq!((l.parked(), l.load("a")), (0, 1));
+        let call = tokio::spawn(std::future::pending::<()>());
+        assert!(l.start(id, call.abort_handle()));
+        assert_eq!(l.redistribute("a", "a went offline"), 1);
+        assert_eq!(l.load("a"), 0);
+        let ok = Outcome::Executed(Ok(Value::Null));
+        assert!(!l.finish(id, Settle::Attempt { server: "a".into(), outcome: ok }), "late answer");
+        assert!(call.await.unwrap_err().is_cancelled(), "the call was aborted");
+        let done = l.take_done();
+        assert_eq!(done.len(), 1);
+        assert!(matches!(
+            &done[0].1.phase,
+            Phase::Done(Settle::Attempt { outcome: Outcome::Ambiguous { .. }, .. })
+        ));
+        assert_eq!(l.len(), 0);
+        l.restore(done);
+        assert_eq!(l.take_done().len(), 1, "a failed write keeps the task");
+    }
+
+    #[test]
+    fn ledger_forgets_only_the_holder_of_the_token() {
+        let mut l = Ledger::default();
+        let t = task();
+        let id = t.id;
+        l.insert(id, Entry::new(QueueName::default(), t, ClaimToken::from_raw(2)));
+        assert!(!l.forget(id, ClaimToken::from_raw(1)));
+        assert!(l.forget(id, ClaimToken::from_raw(2)));
+        assert_eq!((l.len(), l.parked()), (0, 0));
+    }
+}

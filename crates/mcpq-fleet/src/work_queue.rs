@@ -1,0 +1,730 @@
+//! The WorkQueue: claims as many tasks as online servers have free slots (credit-based, in
+//! batches), routes each one, hands it to the server's ClientActor, and records every outcome
+//! in the store in batches: executed → complete or fail; not delivered → released at once
+//! (that server avoided next time); ambiguous → retried with backoff when repeating is safe,
+//! else parked in review. It renews its leases every third of a lease, queues due tasks and
+//! takes back expired leases (any replica does), and wakes on completions, on a doorbell that
+//! watches the queue's event stream while idle, and on a slow poll. All its facts live in the
+//! shared ledger, so a restarted WorkQueue carries on where the crashed one stopped.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mcpq_mcp::Outcome;
+use mcpq_queue::{
+    Call, Claimed, Completion, Disposition, Failure, QueueName, Release, Settled, Store, Task,
+    TaskId, TaskState,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::client_actor::ClientMsg;
+use crate::config::DispatchConfig;
+use crate::routing::{Router, ServerView, Wait};
+use crate::shared::{Counters, Entry, Health, Phase, Settle, Shared};
+
+/// What a drain achieved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Tasks whose calls finished and were recorded while draining.
+    pub finished: usize,
+    /// Tasks handed back unfinished when the drain time ran out.
+    pub handed_back: usize,
+}
+
+/// Messages of the WorkQueue.
+#[derive(Debug)]
+pub(crate) enum WorkQueueMsg {
+    /// Record what finished, then claim and dispatch for the free slots.
+    Pump,
+    /// Extend the leases of every held task.
+    Renew,
+    /// Queue due tasks, take back expired leases, trim.
+    Sweep,
+    /// Stop claiming; answer when every held task is recorded.
+    Drain(RpcReplyPort<DrainReport>),
+    /// The drain time is over: hand the rest back.
+    DrainDeadline,
+    /// Test hook: fail as if a bug struck.
+    Crash,
+}
+
+pub(crate) struct WorkQueueArgs<S> {
+    pub(crate) store: S,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) queues: Vec<QueueName>,
+    pub(crate) cfg: DispatchConfig,
+}
+
+struct Draining {
+    reply: RpcReplyPort<DrainReport>,
+    report: DrainReport,
+}
+
+pub(crate) struct WorkQueueState<S> {
+    store: S,
+    shared: Arc<Shared>,
+    queues: Vec<QueueName>,
+    cfg: DispatchConfig,
+    router: Router,
+    rng: StdRng,
+    next_queue: usize,
+    /// Tasks a server refused undelivered, and that server: tried elsewhere first.
+    avoid: HashMap<TaskId, (String, Instant)>,
+    bells: Vec<Arc<Notify>>,
+    draining: Option<Draining>,
+    sweeps: u64,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub(crate) struct WorkQueue<S>(PhantomData<fn() -> S>);
+
+impl<S> WorkQueue<S> {
+    pub(crate) fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<S: Store> Actor for WorkQueue<S> {
+    type Msg = WorkQueueMsg;
+    type State = WorkQueueState<S>;
+    type Arguments = WorkQueueArgs<S>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkQueueMsg>,
+        args: WorkQueueArgs<S>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let cfg = args.cfg;
+        let mut tasks = vec![
+            myself.send_interval(Duration::from_millis(cfg.poll_ms), || WorkQueueMsg::Pump),
+            myself.send_interval(cfg.lease() / 3, || WorkQueueMsg::Renew),
+            myself
+                .send_interval(Duration::from_millis(cfg.reap_interval_ms), || WorkQueueMsg::Sweep),
+        ];
+        let mut bells = Vec::new();
+        for q in &args.queues {
+            let bell = Arc::new(Notify::new());
+            tasks.push(tokio::spawn(doorbell(
+                args.store.clone(),
+                q.clone(),
+                bell.clone(),
+                myself.clone(),
+                Duration::from_millis(cfg.poll_ms),
+            )));
+            bells.push(bell);
+        }
+        args.shared.set_work_queue(Some(myself.clone()));
+        // a predecessor may have crashed with a wake-up in its mailbox
+        args.shared.pumped();
+        myself.send_message(WorkQueueMsg::Pump)?;
+        Ok(WorkQueueState {
+            store: args.store,
+            shared: args.shared,
+            queues: args.queues,
+            cfg,
+            router: Router::default(),
+            rng: StdRng::from_os_rng(),
+            next_queue: 0,
+            avoid: HashMap::new(),
+            bells,
+            draining: None,
+            sweeps: 0,
+            tasks,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<WorkQueueMsg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in &st.tasks {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WorkQueueMsg>,
+        msg: WorkQueueMsg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkQueueMsg::Pump => st.pump(&myself).await,
+            WorkQueueMsg::Renew => st.renew().await,
+            WorkQueueMsg::Sweep => st.sweep().await,
+            WorkQueueMsg::Drain(reply) => {
+                let n = st.shared.ledger().abandon_parked("shutting down");
+                tracing::info!(node = %st.shared.node, parked = n, "draining");
+                st.draining = Some(Draining { reply, report: DrainReport::default() });
+                let wait = Duration::from_millis(st.cfg.drain_timeout_ms);
+                myself.send_after(wait, || WorkQueueMsg::DrainDeadline);
+                st.pump(&myself).await;
+            }
+            WorkQueueMsg::DrainDeadline => {
+                if let Some(d) = st.draining.as_mut() {
+                    d.report.handed_back = st.shared.ledger().abandon_all("shutting down");
+                    st.pump(&myself).await;
+                }
+            }
+            WorkQueueMsg::Crash => return Err("injected crash (test hook)".into()),
+        }
+        Ok(())
+    }
+}
+
+/// Wakes the WorkQueue when a queue it found empty gets an event (a task enqueued, released,
+/// queued again): armed by the WorkQueue, it waits on the event stream once, then rings.
+async fn doorbell<S: Store>(
+    store: S,
+    queue: QueueName,
+    bell: Arc<Notify>,
+    wq: ActorRef<WorkQueueMsg>,
+    poll: Duration,
+) {
+    loop {
+        bell.notified().await;
+        let after = match store.last_event_id(&queue).await {
+            Ok(id) => id,
+            Err(_) => {
+                // the slow poll covers for the doorbell while the store is away
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+        };
+        // bounded wait: the slow poll is the backstop, so a ring after at most ~1 s is enough
+        match store.read_events(&queue, after, 1, Some(Duration::from_secs(1))).await {
+            Ok(events) if events.is_empty() => {
+                // nothing yet; stay armed
+                bell.notify_one();
+                continue;
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(poll).await,
+        }
+        if wq.send_message(WorkQueueMsg::Pump).is_err() {
+            return;
+        }
+    }
+}
+
+/// What to write to the store for a finished task.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decision {
+    Complete { server: String, result: Value },
+    Fail { server: String, error: String, disposition: Disposition },
+    Release { delay: Duration, reason: String },
+}
+
+/// JSON-RPC errors that say the request itself is wrong: repeating it cannot help.
+const PERMANENT_CODES: [i64; 4] = [-32600, -32601, -32602, mcpq_mcp::RpcError::INPUT_REQUIRED];
+
+/// Classifies a finished task. `repeatable`: the task is idempotent or a trusted server marks
+/// its tool safe to repeat.
+pub(crate) fn decide(settle: Settle, task: &Task, repeatable: bool, rng: &mut StdRng) -> Decision {
+    let retry =
+        |rng: &mut StdRng| Disposition::Retry { delay: task.backoff.delay(task.attempt, rng) };
+    match settle {
+        Settle::Attempt { server, outcome } => match outcome {
+            Outcome::Executed(Ok(result)) => {
+                if matches!(task.call, Call::Tool { .. })
+                    && result.get("isError").and_then(Value::as_bool) == Some(true)
+                {
+                    let error = format!("tool reported an error: {}", error_text(&result));
+                    Decision::Fail { server, error, disposition: Disposition::Fatal }
+                } else {
+                    Decision::Complete { server, result }
+                }
+            }
+            Outcome::Executed(Err(e)) => {
+                let disposition = if PERMANENT_CODES.contains(&e.code) || !repeatable {
+                    Disposition::Fatal
+                } else {
+                    retry(rng)
+                };
+                let error = format!("error {} from {server}: {}", e.code, e.message);
+                Decision::Fail { server, error, disposition }
+            }
+            Outcome::NotDelivered { reason, retry_after } => Decision::Release {
+                delay: retry_after.unwrap_or(Duration::ZERO),
+                reason: format!("not delivered to {server}: {reason}"),
+            },
+            Outcome::Ambiguous { reason } => {
+                let disposition = if repeatable { retry(rng) } else { Disposition::Review };
+                let error = format!("outcome unknown on {server}: {reason}");
+                Decision::Fail { server, error, disposition }
+            }
+        },
+        Settle::Release { delay, reason } => Decision::Release { delay, reason },
+        Settle::Expire { reason } => {
+            Decision::Fail { server: String::new(), error: reason, disposition: Disposition::Fatal }
+        }
+        Settle::Decided(d) => d,
+    }
+}
+
+/// The first text block of a tool result, cut to 500 characters.
+fn error_text(result: &Value) -> String {
+    let text = result
+        .get("content")
+        .and_then(Value::as_array)
+        .and_then(|c| c.iter().find_map(|b| b.get("text").and_then(Value::as_str)))
+        .unwrap_or("(no text)");
+    text.chars().take(500).collect()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One queue's writes of a settle round, with the ledger entries to put back on failure.
+#[derive(Default)]
+struct Batch {
+    complete: Vec<Completion>,
+    complete_of: Vec<(TaskId, Entry)>,
+    fail: Vec<Failure>,
+    fail_of: Vec<(TaskId, Entry)>,
+    release: Vec<Release>,
+    release_of: Vec<(TaskId, Entry)>,
+}
+
+impl<S: Store> WorkQueueState<S> {
+    async fn pump(&mut self, myself: &ActorRef<WorkQueueMsg>) {
+        self.shared.pumped();
+        self.settle().await;
+        if self.draining.is_some() {
+            if self.shared.ledger().len() == 0
+                && let Some(d) = self.draining.take()
+            {
+                tracing::info!(node = %self.shared.node, ?d.report, "drained");
+                let _ = d.reply.send(d.report);
+            }
+            return;
+        }
+        self.place();
+        let mut credits = self.credits();
+        let mut more = false;
+        let n = self.queues.len();
+        for k in 0..n {
+            if credits == 0 {
+                break;
+            }
+            let i = (self.next_queue + k) % n;
+            let want = credits.min(self.cfg.max_batch);
+            let claimed = match self.store.claim(&self.queues[i], want, self.cfg.lease()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(queue = %self.queues[i], error = %e, "claim failed");
+                    continue;
+                }
+            };
+            credits -= claimed.len().min(credits);
+            if claimed.len() == want {
+                more = true;
+            } else {
+                self.bells[i].notify_one();
+            }
+            self.admit(&self.queues[i].clone(), claimed);
+        }
+        self.next_queue = self.next_queue.wrapping_add(1);
+        self.place();
+        // expiries and tasks no server can take are recorded now, not on the next wake-up
+        self.settle().await;
+        if more {
+            let _ = myself.send_message(WorkQueueMsg::Pump);
+        }
+    }
+
+    /// Free slots on servers that take calls, less the tasks already waiting for one.
+    fn credits(&self) -> usize {
+        let servers = self.shared.servers();
+        let ledger = self.shared.ledger();
+        let free: u32 = servers
+            .iter()
+            .filter(|s| s.health != Health::Offline && s.available)
+            .map(|s| s.cfg.max_concurrency.saturating_sub(ledger.load(&s.cfg.name)))
+            .sum();
+        (free as usize).saturating_sub(ledger.parked())
+    }
+
+    fn admit(&mut self, queue: &QueueName, claimed: Vec<Claimed>) {
+        Counters::add(&self.shared.counters.claimed, claimed.len() as u64);
+        let now = now_ms();
+        let mut ledger = self.shared.ledger();
+        for c in claimed {
+            let id = c.task.id;
+            let expired = c
+                .task
+                .expires
+                .is_some_and(|e| c.task.created_at_ms.saturating_add(e.as_millis() as u64) < now);
+            ledger.insert(id, Entry::new(queue.clone(), c.task, c.token));
+            if expired {
+                Counters::add(&self.shared.counters.expired, 1);
+                ledger.finish(
+                    id,
+                    Settle::Expire { reason: "expired before an attempt could start".to_owned() },
+                );
+            }
+        }
+    }
+
+    /// Routes parked tasks: to a server's actor, back to the store to wait, or left parked
+    /// while every server that could take them is busy.
+    fn place(&mut self) {
+        let servers = self.shared.servers();
+        let mut ledger = self.shared.ledger();
+        let ids = ledger.parked_ids();
+        if ids.is_empty() {
+            return;
+        }
+        let clients: Vec<Option<ActorRef<ClientMsg>>> =
+            servers.iter().map(|s| self.shared.client(&s.cfg.name)).collect();
+        let mut load: Vec<u32> = servers.iter().map(|s| ledger.load(&s.cfg.name)).collect();
+        let now = Instant::now();
+        self.avoid.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(30));
+        let now_ms = now_ms();
+        for id in ids {
+            let Some(entry) = ledger.get(&id) else { continue };
+            let task = entry.task.clone();
+            let avoid = self.avoid.get(&id).map(|(s, _)| s.as_str());
+            let views = |skip: Option<&str>| -> Vec<ServerView<'_>> {
+                servers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| ServerView {
+                        name: &s.cfg.name,
+                        tags: &s.cfg.tags,
+                        weight: s.cfg.weight,
+                        in_flight: load[i],
+                        max_concurrency: s.cfg.max_concurrency,
+                        online: s.health != Health::Offline
+                            && s.available
+                            && clients[i].is_some()
+                            && skip != Some(s.cfg.name.as_str()),
+                        tools: s.tools.as_ref().map(|t| &t.names),
+                    })
+                    .collect()
+            };
+            let fallback = self.cfg.strategy;
+            let mut pick =
+                self.router.pick(&task.route, &task.call, &views(avoid), fallback, &mut self.rng);
+            if pick.is_err() && avoid.is_some() {
+                pick = self.router.pick(
+                    &task.route,
+                    &task.call,
+                    &views(None),
+                    fallback,
+                    &mut self.rng,
+                );
+            }
+            match pick {
+                Ok(i) => {
+                    let name = &servers[i].cfg.name;
+                    let Some(client) = &clients[i] else { continue };
+                    ledger.send(id, name, client.get_id());
+                    load[i] += 1;
+                    Counters::add(&self.shared.counters.dispatched, 1);
+                    if client.send_message(ClientMsg::Call(id)).is_err() {
+                        let outcome = Outcome::NotDelivered {
+                            reason: "client actor stopped".to_owned(),
+                            retry_after: None,
+                        };
+                        ledger.finish(id, Settle::Attempt { server: name.clone(), outcome });
+                        load[i] -= 1;
+                    }
+                }
+                Err(Wait::AllBusy) => {}
+                Err(why) => {
+                    let expired = task.expires.is_some_and(|e| {
+                        task.created_at_ms.saturating_add(e.as_millis() as u64) < now_ms
+                    });
+                    let reason = match (why, &task.route.server, &task.call) {
+                        (Wait::PinnedUnavailable, Some(s), _) => {
+                            format!("pinned server {s} is unavailable")
+                        }
+                        (_, _, Call::Tool { name, .. }) => {
+                            format!("no online server offers tool {name}")
+                        }
+                        _ => "no server can take it".to_owned(),
+                    };
+                    let settle = if expired {
+                        Counters::add(&self.shared.counters.expired, 1);
+                        Settle::Expire { reason: format!("expired waiting: {reason}") }
+                    } else {
+                        Settle::Release { delay: Duration::from_millis(self.cfg.wait_ms), reason }
+                    };
+                    ledger.finish(id, settle);
+                }
+            }
+        }
+    }
+
+    /// Records finished tasks, a batch per queue and kind of write. A write that fails keeps
+    /// its tasks in the ledger for the next round.
+    async fn settle(&mut self) {
+        let done = self.shared.ledger().take_done();
+        if done.is_empty() {
+            return;
+        }
+        let mut batches: HashMap<QueueName, Batch> = HashMap::new();
+        {
+            let servers = self.shared.servers();
+            for (id, mut entry) in done {
+                let Phase::Done(settle) = std::mem::replace(&mut entry.phase, Phase::Parked) else {
+                    continue;
+                };
+                let safe = |server: &str| {
+                    let Call::Tool { name, .. } = &entry.task.call else { return false };
+                    servers.iter().any(|s| {
+                        s.cfg.name == server
+                            && s.tools.as_ref().is_some_and(|t| t.safe.contains(name))
+                    })
+                };
+                let repeatable = entry.task.idempotent
+                    || matches!(&settle, Settle::Attempt { server, .. } if safe(server));
+                if let Settle::Attempt { server, outcome: Outcome::NotDelivered { .. } } = &settle {
+                    self.avoid.insert(id, (server.clone(), Instant::now()));
+                }
+                let b = batches.entry(entry.queue.clone()).or_default();
+                let token = entry.token;
+                match decide(settle, &entry.task, repeatable, &mut self.rng) {
+                    Decision::Complete { server, result } => {
+                        b.complete.push(Completion { id, token, server, result });
+                        b.complete_of.push((id, entry));
+                    }
+                    Decision::Fail { server, error, disposition } => {
+                        b.fail.push(Failure { id, token, server, error, disposition });
+                        b.fail_of.push((id, entry));
+                    }
+                    Decision::Release { delay, reason } => {
+                        b.release.push(Release { id, token, delay, reason });
+                        b.release_of.push((id, entry));
+                    }
+                }
+            }
+        }
+        for (queue, b) in batches {
+            if !b.complete.is_empty() {
+                let r = self.store.complete(&queue, &b.complete).await;
+                let back = b
+                    .complete
+                    .into_iter()
+                    .map(|c| Decision::Complete { server: c.server, result: c.result });
+                self.recorded(&queue, r, b.complete_of, back);
+            }
+            if !b.fail.is_empty() {
+                let r = self.store.fail(&queue, &b.fail).await;
+                let back = b.fail.into_iter().map(|f| Decision::Fail {
+                    server: f.server,
+                    error: f.error,
+                    disposition: f.disposition,
+                });
+                self.recorded(&queue, r, b.fail_of, back);
+            }
+            if !b.release.is_empty() {
+                let r = self.store.release(&queue, &b.release).await;
+                Counters::add(&self.shared.counters.released, b.release.len() as u64);
+                let back = b
+                    .release
+                    .into_iter()
+                    .map(|r| Decision::Release { delay: r.delay, reason: r.reason });
+                self.recorded(&queue, r, b.release_of, back);
+            }
+        }
+    }
+
+    fn recorded(
+        &mut self,
+        queue: &QueueName,
+        result: mcpq_queue::Result<Vec<Settled>>,
+        entries: Vec<(TaskId, Entry)>,
+        decisions: impl Iterator<Item = Decision>,
+    ) {
+        let c = &self.shared.counters;
+        match result {
+            Ok(settled) => {
+                if let Some(d) = self.draining.as_mut() {
+                    d.report.finished += settled.len();
+                }
+                for ((id, _), s) in entries.iter().zip(settled) {
+                    if !matches!(s, Settled::Applied(TaskState::Queued | TaskState::Scheduled)) {
+                        self.avoid.remove(id);
+                    }
+                    match s {
+                        Settled::Applied(TaskState::Succeeded) => Counters::add(&c.succeeded, 1),
+                        Settled::Applied(TaskState::Failed) => Counters::add(&c.failed, 1),
+                        Settled::Applied(TaskState::Dead) => Counters::add(&c.dead, 1),
+                        Settled::Applied(TaskState::Review) => Counters::add(&c.review, 1),
+                        Settled::Applied(TaskState::Scheduled) => Counters::add(&c.retried, 1),
+                        Settled::Applied(_) => {}
+                        Settled::Rejected(now) => {
+                            Counters::add(&c.fenced, 1);
+                            tracing::warn!(queue = %queue, task = %id, ?now,
+                                "result rejected: the claim is no longer ours (fenced)");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue = %queue, error = %e, tasks = entries.len(),
+                    "could not record outcomes; keeping them for the next round");
+                let back = entries
+                    .into_iter()
+                    .zip(decisions)
+                    .map(|((id, mut entry), d)| {
+                        entry.phase = Phase::Done(Settle::Decided(d));
+                        (id, entry)
+                    })
+                    .collect();
+                self.shared.ledger().restore(back);
+            }
+        }
+    }
+
+    async fn renew(&mut self) {
+        let leases = self.shared.ledger().leases();
+        for (queue, items) in leases {
+            match self.store.renew(&queue, &items, self.cfg.lease()).await {
+                Ok(held) => {
+                    let mut ledger = self.shared.ledger();
+                    for ((id, token), ok) in items.iter().zip(held) {
+                        if !ok && ledger.forget(*id, *token) {
+                            Counters::add(&self.shared.counters.fenced, 1);
+                            tracing::warn!(queue = %queue, task = %id,
+                                "lease lost (another replica took the task, or it was cancelled); call dropped");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(queue = %queue, error = %e, "renew failed"),
+            }
+        }
+    }
+
+    async fn sweep(&mut self) {
+        self.sweeps += 1;
+        let mut woke = false;
+        for q in &self.queues {
+            match self.store.promote_due(q, 1000).await {
+                Ok(n) => woke |= n > 0,
+                Err(e) => tracing::warn!(queue = %q, error = %e, "promote failed"),
+            }
+            match self.store.reap_expired(q, 1000).await {
+                Ok(n) if n > 0 => {
+                    woke = true;
+                    tracing::info!(queue = %q, tasks = n, "expired leases taken back");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(queue = %q, error = %e, "reap failed"),
+            }
+            if self.sweeps.is_multiple_of(60)
+                && let Err(e) = self.store.trim(q).await
+            {
+                tracing::warn!(queue = %q, error = %e, "trim failed");
+            }
+        }
+        if woke {
+            self.shared.pump();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mcpq_mcp::RpcError;
+    use mcpq_queue::{Backoff, Route};
+    use serde_json::json;
+
+    fn task(idempotent: bool) -> Task {
+        Task {
+            id: TaskId::new(),
+            queue: QueueName::default(),
+            call: Call::Tool { name: "t".into(), arguments: json!({}) },
+            priority: 0,
+            route: Route::default(),
+            max_attempts: 3,
+            backoff: Backoff { initial_ms: 100, max_ms: 1000 },
+            timeout: None,
+            idempotent,
+            idempotency_key: None,
+            expires: None,
+            metadata: Default::default(),
+            state: TaskState::Running,
+            attempt: 1,
+            server: None,
+            result: None,
+            error: None,
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+        }
+    }
+
+    fn attempt(outcome: Outcome<Value>) -> Settle {
+        Settle::Attempt { server: "a".into(), outcome }
+    }
+
+    #[test]
+    fn outcomes_map_to_store_writes() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut d = |s: Settle, idem: bool| decide(s, &task(idem), idem, &mut rng);
+        assert!(matches!(
+            d(attempt(Outcome::Executed(Ok(json!({"content": []})))), false),
+            Decision::Complete { .. }
+        ));
+        let is_error = json!({"isError": true, "content": [{"type": "text", "text": "boom"}]});
+        match d(attempt(Outcome::Executed(Ok(is_error))), true) {
+            Decision::Fail { error, disposition: Disposition::Fatal, .. } => {
+                assert!(error.contains("boom"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let rpc = |code| Outcome::Executed(Err(RpcError { code, message: "m".into(), data: None }));
+        assert!(matches!(
+            d(attempt(rpc(-32602)), true),
+            Decision::Fail { disposition: Disposition::Fatal, .. }
+        ));
+        assert!(matches!(
+            d(attempt(rpc(-32603)), true),
+            Decision::Fail { disposition: Disposition::Retry { .. }, .. }
+        ));
+        assert!(matches!(
+            d(attempt(rpc(-32603)), false),
+            Decision::Fail { disposition: Disposition::Fatal, .. }
+        ));
+        let nd = Outcome::NotDelivered {
+            reason: "503".into(),
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert_eq!(
+            d(attempt(nd), false),
+            Decision::Release {
+                delay: Duration::from_secs(2),
+                reason: "not delivered to a: 503".into()
+            }
+        );
+        let cut = || Outcome::Ambiguous { reason: "cut".into() };
+        match d(attempt(cut()), true) {
+            Decision::Fail { disposition: Disposition::Retry { delay }, .. } => {
+                assert!((50..=100).contains(&delay.as_millis()), "{delay:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            d(attempt(cut()), false),
+            Decision::Fail { disposition: Disposition::Review, .. }
+        ));
+        assert!(matches!(
+            d(Settle::Expire { reason: "late".into() }, false),
+            Decision::Fail { disposition: Disposition::Fatal, .. }
+        ));
+    }
+}

@@ -1,0 +1,5 @@
+//! The `mcpq` binary.
+
+fn main() -> std::process::ExitCode {
+    mcpq::cli::main()
+}
