@@ -12,6 +12,7 @@ use mcpq_queue::{QueueConfig, QueueConfigs, QueueName, RedisStore, StoreConfig};
 pub mod auth_server;
 pub mod bench;
 pub mod everything;
+pub mod fleet;
 pub mod legacy_server;
 pub mod mcp;
 
@@ -110,6 +111,14 @@ impl Drop for RedisServer {
         }
         self.kill();
     }
+}
+
+/// Sends the code's logs to the test's output (shown for failing tests), filtered by
+/// `RUST_LOG` (default `warn`). Safe to call from every test.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// Polls `check` every few milliseconds until it returns `Some`, for at most `limit`.

@@ -11,20 +11,20 @@ use std::time::{Duration, Instant};
 use mcpq_mcp::{
     CallMeta, Era, LEGACY_VERSION, McpClient, Outcome, STATELESS_VERSION, ServerConfig,
 };
-use mcpq_queue::{Call, Task, TaskId};
+use mcpq_queue::{Call, ClaimToken, Task, TaskId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::Value;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::BreakerConfig;
 use crate::limits::{Breaker, TokenBucket};
-use crate::shared::{Settle, Shared, Tools};
+use crate::shared::{Phase, Settle, Shared, Tools};
 
 /// Messages of a ClientActor.
 #[derive(Debug)]
 pub(crate) enum ClientMsg {
     /// Run the call of a task the ledger holds as sent to this actor.
-    Call(TaskId),
+    Call(TaskId, ClaimToken),
     /// Health probe; the result goes to the HealthMonitor.
     Probe,
     /// What a finished call showed: `Some(ok)` for the breaker, a pause for `Retry-After`.
@@ -74,6 +74,9 @@ impl Actor for ClientActor {
         args: ClientArgs,
     ) -> Result<ClientState, ActorProcessingErr> {
         let client = McpClient::new((*args.cfg).clone())?;
+        // a predecessor may have died with its breaker open or a pause running; this actor
+        // starts with neither
+        args.shared.with_server(&args.cfg.name, |s| s.available = true);
         let ttl = Duration::from_millis(args.cfg.tools_ttl_ms.max(1000));
         let timers = vec![myself.send_interval(ttl, || ClientMsg::RefreshTools)];
         myself.send_message(ClientMsg::RefreshTools)?;
@@ -110,7 +113,7 @@ impl Actor for ClientActor {
         st: &mut ClientState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ClientMsg::Call(id) => st.call(myself, id),
+            ClientMsg::Call(id, token) => st.call(myself, id, token),
             ClientMsg::Probe => {
                 let (client, shared, name, limit) =
                     (st.client.clone(), st.shared.clone(), st.name.clone(), st.probe_timeout);
@@ -128,7 +131,7 @@ impl Actor for ClientActor {
             ClientMsg::Finished { ok, retry_after } => {
                 let now = Instant::now();
                 if let Some(wait) = retry_after {
-                    let until = now + wait;
+                    let until = now + wait.min(MAX_RETRY_AFTER);
                     if st.paused_until.is_none_or(|p| p < until) {
                         tracing::info!(server = %st.name, ?wait, "paused by Retry-After");
                         st.paused_until = Some(until);
@@ -197,10 +200,17 @@ impl ClientState {
         }
     }
 
-    fn call(&mut self, myself: ActorRef<ClientMsg>, id: TaskId) {
+    fn call(&mut self, myself: ActorRef<ClientMsg>, id: TaskId, token: ClaimToken) {
+        let me = myself.get_id();
+        // only the claim this actor was handed: a stale message for a task released and
+        // claimed again (perhaps sent elsewhere) must not touch it
         let task = match self.shared.ledger().get(&id) {
-            Some(e) => e.task.clone(),
-            None => return,
+            Some(e)
+                if e.token == token && matches!(&e.phase, Phase::Sent { to, .. } if *to == me) =>
+            {
+                e.task.clone()
+            }
+            _ => return,
         };
         let refuse = if !self.breaker.allows() {
             Some("circuit breaker open")
@@ -218,19 +228,34 @@ impl ClientState {
         let wait = self.bucket.as_mut().map_or(Duration::ZERO, |b| b.take(Instant::now()));
         let limit = task.timeout.unwrap_or(self.default_timeout);
         let (client, shared, name) = (self.client.clone(), self.shared.clone(), self.name.clone());
+        let (go, ready) = tokio::sync::oneshot::channel::<AbortHandle>();
         let run = tokio::spawn(async move {
+            let Ok(abort) = ready.await else { return };
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
+            // the task stays `Sent` (not delivered if taken away) until the request goes out
+            if !shared.ledger().start(task.id, token, abort) {
+                return;
+            }
+            let mut guard = Unfinished {
+                shared: shared.clone(),
+                id: task.id,
+                server: name.clone(),
+                armed: true,
+            };
             let outcome = match tokio::time::timeout(limit, execute(&client, &task)).await {
                 Ok(o) => o,
                 Err(_) => Outcome::Ambiguous {
                     reason: format!("attempt timed out after {} ms", limit.as_millis()),
                 },
             };
+            guard.armed = false;
             let (ok, retry_after) = match &outcome {
                 Outcome::Executed(_) => (Some(true), None),
-                Outcome::NotDelivered { retry_after: Some(ra), .. } => (None, Some(*ra)),
+                Outcome::NotDelivered { retry_after: Some(ra), .. } => {
+                    (None, Some((*ra).min(MAX_RETRY_AFTER)))
+                }
                 Outcome::NotDelivered { reason, .. } | Outcome::Ambiguous { reason } => {
                     shared.observe(&name, false, reason.clone());
                     (Some(false), None)
@@ -244,9 +269,33 @@ impl ClientState {
             // a restarted actor starts with a fresh breaker; the report may be lost then
             let _ = myself.send_message(ClientMsg::Finished { ok, retry_after });
         });
-        if !self.shared.ledger().start(id, run.abort_handle()) {
-            // taken away (lease lost, server offline) before the call began
-            run.abort();
+        // cannot fail unless the task ended already, and it waits for this
+        let _ = go.send(run.abort_handle());
+    }
+}
+
+/// The longest `Retry-After` honoured; a server asking for more is retried after this.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Finishes a call's task as ambiguous if the call ends without recording an outcome (a
+/// panic inside the client). Disarmed on the normal path; harmless after an abort, which
+/// only happens to tasks already finished or forgotten.
+struct Unfinished {
+    shared: Arc<Shared>,
+    id: TaskId,
+    server: String,
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let outcome = Outcome::Ambiguous { reason: "the call ended abnormally".to_owned() };
+        let server = std::mem::take(&mut self.server);
+        if self.shared.ledger().finish(self.id, Settle::Attempt { server, outcome }) {
+            self.shared.pump();
         }
     }
 }

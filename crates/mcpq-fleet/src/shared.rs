@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mcpq_mcp::{Outcome, ServerConfig};
 use mcpq_queue::{ClaimToken, QueueName, Task, TaskId};
@@ -110,11 +110,13 @@ pub(crate) struct Entry {
     pub(crate) task: Arc<Task>,
     pub(crate) token: ClaimToken,
     pub(crate) phase: Phase,
+    pub(crate) claimed_at: Instant,
 }
 
 impl Entry {
     pub(crate) fn new(queue: QueueName, task: Task, token: ClaimToken) -> Self {
-        Self { queue, task: Arc::new(task), token, phase: Phase::Parked }
+        let claimed_at = Instant::now();
+        Self { queue, task: Arc::new(task), token, phase: Phase::Parked, claimed_at }
     }
 }
 
@@ -168,16 +170,16 @@ impl Ledger {
 
     /// Marks a sent task's call started; false when the task was taken away meanwhile (the
     /// caller must then abort the call).
-    pub(crate) fn start(&mut self, id: TaskId, abort: AbortHandle) -> bool {
+    pub(crate) fn start(&mut self, id: TaskId, token: ClaimToken, abort: AbortHandle) -> bool {
         match self.entries.get_mut(&id) {
-            Some(e) => match &e.phase {
+            Some(e) if e.token == token => match &e.phase {
                 Phase::Sent { server, .. } => {
                     e.phase = Phase::Calling { server: server.clone(), abort };
                     true
                 }
                 _ => false,
             },
-            None => false,
+            _ => false,
         }
     }
 
@@ -488,7 +490,7 @@ mod tests {
         l.send(id, "a", actor);
         assert_eq!((l.parked(), l.load("a")), (0, 1));
         let call = tokio::spawn(std::future::pending::<()>());
-        assert!(l.start(id, call.abort_handle()));
+        assert!(l.start(id, token, call.abort_handle()));
         assert_eq!(l.redistribute("a", "a went offline"), 1);
         assert_eq!(l.load("a"), 0);
         let ok = Outcome::Executed(Ok(Value::Null));

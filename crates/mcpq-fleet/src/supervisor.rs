@@ -71,6 +71,9 @@ pub struct ServerStatus {
     pub available: bool,
     /// Calls in flight from this replica.
     pub in_flight: u32,
+    /// Whether its ClientActor runs (false briefly during a restart, and for good once it
+    /// spent its restart budget).
+    pub client_running: bool,
     /// Its concurrency limit.
     pub max_concurrency: u32,
     /// Its tools, once listed.
@@ -190,8 +193,10 @@ impl<S: Store> Actor for Supervisor<S> {
                 myself.stop(Some("shut down".to_owned()));
             }
             SupervisorMsg::Restart(part) => {
+                // only a child still missing: a server removed and added again meanwhile has
+                // an actor already
                 if !st.stopping
-                    && st.children.contains_key(&part)
+                    && st.children.get(&part).is_some_and(|c| c.id.is_none())
                     && let Err(e) = st.spawn(&myself, part.clone()).await
                 {
                     tracing::error!(?part, error = %e, "restart failed");
@@ -332,8 +337,17 @@ impl<S: Store> SupervisorState<S> {
         let window = Duration::from_millis(budget.window_ms);
         child.restarts.retain(|t| now.duration_since(*t) < window);
         if child.restarts.len() as u32 >= budget.max_restarts {
+            if matches!(part, Part::Client(_)) {
+                tracing::error!(?part, %why, restarts = child.restarts.len(),
+                    "actor keeps failing; restart budget spent, left stopped");
+                return;
+            }
+            // without its WorkQueue or HealthMonitor a replica would hold leases and do
+            // nothing: stop the whole fleet so the process exits and others take over
             tracing::error!(?part, %why, restarts = child.restarts.len(),
-                "actor keeps failing; restart budget spent, left stopped");
+                "actor keeps failing; restart budget spent, stopping the fleet");
+            self.stopping = true;
+            myself.stop(Some(format!("{part:?} keeps failing: {why}")));
             return;
         }
         child.restarts.push_back(now);
@@ -450,6 +464,7 @@ impl Fleet {
                 health: s.health,
                 available: s.available,
                 in_flight: ledger.load(&s.cfg.name),
+                client_running: self.shared.client(&s.cfg.name).is_some(),
                 max_concurrency: s.cfg.max_concurrency,
                 tools: s.tools.as_ref().map(|t| {
                     let mut v: Vec<String> = t.names.iter().cloned().collect();
@@ -497,6 +512,12 @@ impl Fleet {
         // the supervisor stops itself after answering
         let _ = self.join.await;
         Ok(report)
+    }
+
+    /// Resolves when the fleet stopped on its own (an essential actor spent its restart
+    /// budget); a replica should exit then.
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.join).await;
     }
 
     /// Test hook: makes an actor fail as a bug would, to exercise supervision.

@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::client_actor::ClientMsg;
+use crate::client_actor::{ClientMsg, MAX_RETRY_AFTER};
 use crate::config::DispatchConfig;
 use crate::routing::{Router, ServerView, Wait};
 use crate::shared::{Counters, Entry, Health, Phase, Settle, Shared};
@@ -75,10 +75,13 @@ pub(crate) struct WorkQueueState<S> {
     router: Router,
     rng: StdRng,
     next_queue: usize,
-    /// Tasks a server refused undelivered, and that server: tried elsewhere first.
-    avoid: HashMap<TaskId, (String, Instant)>,
+    /// Tasks servers refused undelivered: the last such server (tried elsewhere first), when,
+    /// and how many refusals in a row.
+    avoid: HashMap<TaskId, (String, Instant, u32)>,
     bells: Vec<Arc<Notify>>,
     draining: Option<Draining>,
+    /// Drained: never claims again.
+    stopped: bool,
     sweeps: u64,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -124,6 +127,8 @@ impl<S: Store> Actor for WorkQueue<S> {
         // a predecessor may have crashed with a wake-up in its mailbox
         args.shared.pumped();
         myself.send_message(WorkQueueMsg::Pump)?;
+        // a predecessor's leases may be due for renewal now
+        myself.send_message(WorkQueueMsg::Renew)?;
         Ok(WorkQueueState {
             store: args.store,
             shared: args.shared,
@@ -135,6 +140,7 @@ impl<S: Store> Actor for WorkQueue<S> {
             avoid: HashMap::new(),
             bells,
             draining: None,
+            stopped: false,
             sweeps: 0,
             tasks,
         })
@@ -191,7 +197,16 @@ async fn doorbell<S: Store>(
     poll: Duration,
 ) {
     loop {
-        bell.notified().await;
+        tokio::select! {
+            _ = bell.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                // ractor runs no post_stop after a crash: notice the WorkQueue is gone
+                if wq.get_status() == ractor::ActorStatus::Stopped {
+                    return;
+                }
+                continue;
+            }
+        }
         let after = match store.last_event_id(&queue).await {
             Ok(id) => id,
             Err(_) => {
@@ -224,6 +239,9 @@ pub(crate) enum Decision {
     Release { delay: Duration, reason: String },
 }
 
+/// Refusals in a row (not delivered) a task takes before each further one spends an attempt.
+const MAX_REFUSALS: u32 = 3;
+
 /// JSON-RPC errors that say the request itself is wrong: repeating it cannot help.
 const PERMANENT_CODES: [i64; 4] = [-32600, -32601, -32602, mcpq_mcp::RpcError::INPUT_REQUIRED];
 
@@ -254,7 +272,7 @@ pub(crate) fn decide(settle: Settle, task: &Task, repeatable: bool, rng: &mut St
                 Decision::Fail { server, error, disposition }
             }
             Outcome::NotDelivered { reason, retry_after } => Decision::Release {
-                delay: retry_after.unwrap_or(Duration::ZERO),
+                delay: retry_after.unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER),
                 reason: format!("not delivered to {server}: {reason}"),
             },
             Outcome::Ambiguous { reason } => {
@@ -300,10 +318,12 @@ impl<S: Store> WorkQueueState<S> {
     async fn pump(&mut self, myself: &ActorRef<WorkQueueMsg>) {
         self.shared.pumped();
         self.settle().await;
-        if self.draining.is_some() {
+        if self.draining.is_some() || self.stopped {
             if self.shared.ledger().len() == 0
-                && let Some(d) = self.draining.take()
+                && let Some(mut d) = self.draining.take()
             {
+                self.stopped = true;
+                d.report.finished = d.report.finished.saturating_sub(d.report.handed_back);
                 tracing::info!(node = %self.shared.node, ?d.report, "drained");
                 let _ = d.reply.send(d.report);
             }
@@ -343,13 +363,21 @@ impl<S: Store> WorkQueueState<S> {
         }
     }
 
-    /// Free slots on servers that take calls, less the tasks already waiting for one.
+    /// Free slots on servers that take calls; none while a batch of claimed tasks waits for
+    /// slots already (tasks routed to busy servers must not pile up here).
     fn credits(&self) -> usize {
         let servers = self.shared.servers();
         let ledger = self.shared.ledger();
+        if ledger.parked() >= self.cfg.max_batch {
+            return 0;
+        }
         let free: u32 = servers
             .iter()
-            .filter(|s| s.health != Health::Offline && s.available)
+            .filter(|s| {
+                s.health != Health::Offline
+                    && s.available
+                    && self.shared.client(&s.cfg.name).is_some()
+            })
             .map(|s| s.cfg.max_concurrency.saturating_sub(ledger.load(&s.cfg.name)))
             .sum();
         (free as usize).saturating_sub(ledger.parked())
@@ -389,12 +417,13 @@ impl<S: Store> WorkQueueState<S> {
             servers.iter().map(|s| self.shared.client(&s.cfg.name)).collect();
         let mut load: Vec<u32> = servers.iter().map(|s| ledger.load(&s.cfg.name)).collect();
         let now = Instant::now();
-        self.avoid.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(30));
+        self.avoid.retain(|_, (_, at, _)| now.duration_since(*at) < Duration::from_secs(60));
         let now_ms = now_ms();
         for id in ids {
             let Some(entry) = ledger.get(&id) else { continue };
-            let task = entry.task.clone();
-            let avoid = self.avoid.get(&id).map(|(s, _)| s.as_str());
+            let (task, entry_token, waited) =
+                (entry.task.clone(), entry.token, now.duration_since(entry.claimed_at));
+            let avoid = self.avoid.get(&id).map(|(s, _, _)| s.as_str());
             let views = |skip: Option<&str>| -> Vec<ServerView<'_>> {
                 servers
                     .iter()
@@ -432,7 +461,7 @@ impl<S: Store> WorkQueueState<S> {
                     ledger.send(id, name, client.get_id());
                     load[i] += 1;
                     Counters::add(&self.shared.counters.dispatched, 1);
-                    if client.send_message(ClientMsg::Call(id)).is_err() {
+                    if client.send_message(ClientMsg::Call(id, entry_token)).is_err() {
                         let outcome = Outcome::NotDelivered {
                             reason: "client actor stopped".to_owned(),
                             retry_after: None,
@@ -441,7 +470,12 @@ impl<S: Store> WorkQueueState<S> {
                         load[i] -= 1;
                     }
                 }
-                Err(Wait::AllBusy) => {}
+                // held while a slot may free soon; past wait_ms other replicas get a chance
+                Err(Wait::AllBusy) if waited < Duration::from_millis(self.cfg.wait_ms) => {}
+                Err(Wait::AllBusy) => {
+                    let reason = "every server that can take it stayed busy".to_owned();
+                    ledger.finish(id, Settle::Release { delay: Duration::ZERO, reason });
+                }
                 Err(why) => {
                     let expired = task.expires.is_some_and(|e| {
                         task.created_at_ms.saturating_add(e.as_millis() as u64) < now_ms
@@ -490,12 +524,35 @@ impl<S: Store> WorkQueueState<S> {
                 };
                 let repeatable = entry.task.idempotent
                     || matches!(&settle, Settle::Attempt { server, .. } if safe(server));
+                let mut refusals = 0;
                 if let Settle::Attempt { server, outcome: Outcome::NotDelivered { .. } } = &settle {
-                    self.avoid.insert(id, (server.clone(), Instant::now()));
+                    let e = self.avoid.entry(id).or_insert((String::new(), Instant::now(), 0));
+                    e.2 += 1;
+                    (e.0, e.1, refusals) = (server.clone(), Instant::now(), e.2);
                 }
                 let b = batches.entry(entry.queue.clone()).or_default();
                 let token = entry.token;
-                match decide(settle, &entry.task, repeatable, &mut self.rng) {
+                let mut decision = decide(settle, &entry.task, repeatable, &mut self.rng);
+                if let Decision::Release { delay, reason } = &mut decision
+                    && refusals > 1
+                {
+                    if refusals > MAX_REFUSALS {
+                        // refused again and again (a 4xx this request keeps getting): spend
+                        // attempts, so the task ends dead with the reason instead of looping
+                        self.avoid.remove(&id);
+                        decision = Decision::Fail {
+                            server: String::new(),
+                            error: std::mem::take(reason),
+                            disposition: Disposition::Retry {
+                                delay: entry.task.backoff.delay(entry.task.attempt, &mut self.rng),
+                            },
+                        };
+                    } else {
+                        let backoff = Duration::from_millis(50 << refusals.min(10));
+                        *delay = (*delay).max(backoff.min(Duration::from_millis(self.cfg.wait_ms)));
+                    }
+                }
+                match decision {
                     Decision::Complete { server, result } => {
                         b.complete.push(Completion { id, token, server, result });
                         b.complete_of.push((id, entry));
@@ -531,7 +588,9 @@ impl<S: Store> WorkQueueState<S> {
             }
             if !b.release.is_empty() {
                 let r = self.store.release(&queue, &b.release).await;
-                Counters::add(&self.shared.counters.released, b.release.len() as u64);
+                if r.is_ok() {
+                    Counters::add(&self.shared.counters.released, b.release.len() as u64);
+                }
                 let back = b
                     .release
                     .into_iter()

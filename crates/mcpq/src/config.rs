@@ -76,7 +76,13 @@ impl Config {
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
-            .source(Some(env.clone()));
+            // MCPQ_LOG is the log filter, not a configuration key
+            .source(Some(
+                env.iter()
+                    .filter(|(k, _)| *k != "MCPQ_LOG")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ));
         let cfg: Config = b
             .add_source(overrides)
             .build()

@@ -31,7 +31,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<Drai
         dispatch: cfg.dispatch.clone(),
         servers: cfg.servers.clone(),
     };
-    let fleet = Fleet::start(store, fleet_cfg).await?;
+    let mut fleet = Fleet::start(store, fleet_cfg).await?;
     let names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
     {
         // the ready line: scripts and tests wait for it
@@ -44,7 +44,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<Drai
         )?;
         out.flush()?;
     }
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = fleet.stopped() => bail!("the fleet stopped: an essential actor kept failing (see the log)"),
+    }
     tracing::info!(%node, "shutting down");
     let report = fleet.shutdown().await?;
     tracing::info!(%node, finished = report.finished, handed_back = report.handed_back, "stopped");

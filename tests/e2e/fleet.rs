@@ -1,0 +1,600 @@
+//! Fault tests of the actor fleet (issue: dispatch, retry, redistribution): real redis-server,
+//! real MCP servers (rmcp, in process) and, for replica faults, `mcpq serve` processes that get
+//! SIGKILLed and SIGSTOPped. Each test ends by accounting for every task it enqueued.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use mcpq_fleet::{DispatchConfig, Fleet, FleetConfig, Health, HealthConfig, Part};
+use mcpq_mcp::ServerConfig;
+use mcpq_queue::{
+    Backoff, EventKind, NewTask, QueueConfig, QueueName, RedisStore, Store, TaskId, TaskState,
+};
+use mcpq_tests::fleet::{Node, Report, account, settle};
+use mcpq_tests::mcp::{Execution, McpServer, Mode};
+use mcpq_tests::{RedisServer, eventually};
+use serde_json::json;
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_mcpq-e2e-node");
+
+fn health() -> HealthConfig {
+    HealthConfig { interval_ms: 100, degraded_after: 2, offline_after: 3, probe_timeout_ms: 300 }
+}
+
+fn dispatch(lease_ms: u64) -> DispatchConfig {
+    let mut d = DispatchConfig {
+        lease_ms,
+        reap_interval_ms: 100,
+        poll_ms: 50,
+        wait_ms: 200,
+        drain_timeout_ms: 2000,
+        timeout_ms: 10_000,
+        ..Default::default()
+    };
+    d.breaker.open_ms = 300;
+    d.restart.backoff_initial_ms = 10;
+    d
+}
+
+fn server(name: &str, s: &McpServer, max_concurrency: u32) -> ServerConfig {
+    let mut c = ServerConfig::new(name, s.url());
+    c.max_concurrency = max_concurrency;
+    c
+}
+
+fn fleet_config(servers: Vec<ServerConfig>, health: HealthConfig, lease_ms: u64) -> FleetConfig {
+    FleetConfig {
+        node: "test".to_owned(),
+        queues: vec![QueueName::default()],
+        health,
+        dispatch: dispatch(lease_ms),
+        servers,
+    }
+}
+
+fn fast_backoff() -> Backoff {
+    Backoff { initial_ms: 20, max_ms: 200 }
+}
+
+fn slow(ms: u64, idempotent: bool) -> NewTask {
+    NewTask::tool("slow", json!({"ms": ms}))
+        .idempotent(idempotent)
+        .backoff(fast_backoff())
+        .max_attempts(5)
+}
+
+async fn enqueue(store: &RedisStore, tasks: &[NewTask]) -> Result<Vec<TaskId>> {
+    let q = QueueName::default();
+    let mut ids = Vec::with_capacity(tasks.len());
+    for chunk in tasks.chunks(500) {
+        ids.extend(store.enqueue(&q, chunk).await?.into_iter().map(|e| e.id()));
+    }
+    Ok(ids)
+}
+
+async fn succeeded(store: &RedisStore) -> Result<u64> {
+    Ok(store.stats(&QueueName::default()).await?.succeeded)
+}
+
+async fn wait_succeeded(store: &RedisStore, n: u64, what: &str) -> Result<()> {
+    eventually(Duration::from_secs(30), what, || async {
+        Ok((succeeded(store).await? >= n).then_some(()))
+    })
+    .await
+}
+
+fn executions_of(servers: &[&McpServer]) -> Vec<Execution> {
+    servers.iter().flat_map(|s| s.executions()).collect()
+}
+
+fn task_ids(executions: &[Execution]) -> HashSet<TaskId> {
+    executions.iter().filter_map(|e| e.meta.get("mcpq/task")?.as_str()?.parse().ok()).collect()
+}
+
+/// The checks every fault test ends with.
+fn assert_accounted(r: &Report, idempotent: &HashSet<TaskId>) {
+    println!("accounting: {}", r.summary());
+    assert!(r.lost.is_empty(), "lost tasks: {:?}", r.lost);
+    assert_eq!(r.unfinished(), 0, "tasks stuck after the deadline: {}", r.summary());
+    for (id, t) in &r.tasks {
+        if idempotent.contains(id) {
+            assert_eq!(t.state, TaskState::Succeeded, "idempotent {id}: {:?}", t.error);
+        } else {
+            assert!(
+                matches!(t.state, TaskState::Succeeded | TaskState::Review),
+                "non-idempotent {id} is {:?}: {:?}",
+                t.state,
+                t.error
+            );
+            if t.state == TaskState::Review {
+                let e = t.error.as_deref().unwrap_or_default();
+                assert!(
+                    e.contains("outcome unknown") || e.contains("lease expired"),
+                    "review without its reason: {e}"
+                );
+            }
+            assert!(
+                !r.duplicated.contains_key(id),
+                "non-idempotent {id} ran {} times",
+                r.duplicated[id]
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_s_tasks_are_redistributed_and_none_is_lost() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let a = McpServer::start(Mode::SessionSse).await?;
+    let b = McpServer::start(Mode::SessionJson).await?;
+    let c = McpServer::start(Mode::Stateless).await?;
+    let servers = vec![server("a", &a, 16), server("b", &b, 16), server("c", &c, 16)];
+    // a lease far beyond the test's deadline: only health can hand b's tasks back in time
+    let fleet = Fleet::start(store.clone(), fleet_config(servers, health(), 120_000)).await?;
+    let mut events = fleet.subscribe();
+
+    let tasks: Vec<NewTask> = (0..2000).map(|i| slow(20, i % 10 != 0)).collect();
+    let idempotent: HashSet<TaskId> = tasks.iter().filter(|t| t.idempotent).map(|t| t.id).collect();
+    let ids = enqueue(&store, &tasks).await?;
+
+    wait_succeeded(&store, 400, "400 tasks done before the kill").await?;
+    let b_before_kill = task_ids(&b.executions());
+    let killed = Instant::now();
+    b.stop().await;
+    let offline = loop {
+        let e = tokio::time::timeout(Duration::from_secs(20), events.recv()).await??;
+        if e.server == "b" && e.health == Health::Offline {
+            break killed.elapsed();
+        }
+    };
+    println!("b offline {offline:?} after the kill (offline_after × interval = 300 ms)");
+    wait_succeeded(&store, 1200, "1200 tasks done while b is away").await?;
+    b.restart().await?;
+    let recovered = loop {
+        let e = tokio::time::timeout(Duration::from_secs(20), events.recv()).await??;
+        if e.server == "b" && e.health == Health::Online {
+            break killed.elapsed();
+        }
+    };
+    println!("b recovered {recovered:?} after the kill");
+
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(60), || {
+        executions_of(&[&a, &b, &c])
+    })
+    .await?;
+    println!("fleet stats: {:?}", fleet.stats());
+    assert_accounted(&r, &idempotent);
+    // a repeat is only possible for what b was running when it died
+    for id in r.duplicated.keys() {
+        assert!(b_before_kill.contains(id) || task_ids(&b.executions()).contains(id), "{id}");
+    }
+    assert!(has_event(&store, EventKind::ServerOffline).await?, "server.offline is in the stream");
+    assert!(has_event(&store, EventKind::ServerRecovered).await?);
+    fleet.shutdown().await?;
+    Ok(())
+}
+
+/// Whether any retained event of the default queue has `kind` (reads the whole stream).
+async fn has_event(store: &RedisStore, kind: EventKind) -> Result<bool> {
+    let q = QueueName::default();
+    let mut after = None;
+    for _ in 0..10_000 {
+        let page = store.read_events(&q, after, 1000, None).await?;
+        if page.is_empty() {
+            return Ok(false);
+        }
+        if page.iter().any(|e| e.kind == kind) {
+            return Ok(true);
+        }
+        after = page.last().map(|e| e.id);
+    }
+    bail!("event stream longer than expected")
+}
+
+/// Every event of the default queue, oldest first.
+async fn all_events(store: &RedisStore) -> Result<Vec<mcpq_queue::Event>> {
+    let q = QueueName::default();
+    let (mut out, mut after) = (Vec::new(), None);
+    for _ in 0..10_000 {
+        let page = store.read_events(&q, after, 1000, None).await?;
+        let Some(last) = page.last() else { return Ok(out) };
+        after = Some(last.id);
+        out.extend(page);
+    }
+    bail!("event stream longer than expected")
+}
+
+fn node_toml(
+    node: &str,
+    redis: &RedisServer,
+    servers: &[(&str, &McpServer)],
+    lease_ms: u64,
+) -> String {
+    let mut t = format!(
+        "node = \"{node}\"\n[store]\nredis_url = \"{}\"\n\
+         [health]\ninterval_ms = 100\ndegraded_after = 2\noffline_after = 3\nprobe_timeout_ms = 300\n\
+         [dispatch]\nlease_ms = {lease_ms}\nreap_interval_ms = 100\npoll_ms = 50\nwait_ms = 200\n\
+         drain_timeout_ms = 2000\n",
+        redis.url()
+    );
+    for (name, s) in servers {
+        t.push_str(&format!(
+            "[[servers]]\nname = \"{name}\"\nurl = \"{}\"\nmax_concurrency = 8\n",
+            s.url()
+        ));
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_replica_s_tasks_are_recovered_by_the_other() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let a = McpServer::start(Mode::Stateless).await?;
+    let b = McpServer::start(Mode::SessionSse).await?;
+    let servers = [("a", &a), ("b", &b)];
+    let lease_ms = 1000;
+    let mut one = Node::start(NODE_BIN, &node_toml("one", &redis, &servers, lease_ms))?;
+    let mut two = Node::start(NODE_BIN, &node_toml("two", &redis, &servers, lease_ms))?;
+
+    let tasks: Vec<NewTask> = (0..600).map(|i| slow(30, i % 5 != 0)).collect();
+    let idempotent: HashSet<TaskId> = tasks.iter().filter(|t| t.idempotent).map(|t| t.id).collect();
+    let ids = enqueue(&store, &tasks).await?;
+    wait_succeeded(&store, 150, "150 tasks done before the kill").await?;
+    let running = store.stats(&QueueName::default()).await?.running;
+    one.kill()?;
+    let killed = Instant::now();
+    println!("replica one SIGKILLed with {running} tasks running fleet-wide");
+
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(60), || {
+        executions_of(&[&a, &b])
+    })
+    .await?;
+    println!("all terminal {:?} after the kill", killed.elapsed());
+    assert_accounted(&r, &idempotent);
+    // one replica holds at most 2 servers × 8 slots
+    assert!(r.count(TaskState::Review) <= 16, "{}", r.summary());
+    assert!(two.terminate(Duration::from_secs(10)).await?, "replica two exits cleanly");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_past_its_lease_cannot_commit_stale_results() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let a = McpServer::start(Mode::Stateless).await?;
+    let b = McpServer::start(Mode::SessionJson).await?;
+    let servers = [("a", &a), ("b", &b)];
+    let lease_ms = 600;
+    let mut one = Node::start(NODE_BIN, &node_toml("one", &redis, &servers, lease_ms))?;
+    let mut two = Node::start(NODE_BIN, &node_toml("two", &redis, &servers, lease_ms))?;
+
+    let tasks: Vec<NewTask> = (0..300).map(|_| slow(100, true)).collect();
+    let idempotent: HashSet<TaskId> = tasks.iter().map(|t| t.id).collect();
+    let ids = enqueue(&store, &tasks).await?;
+    wait_succeeded(&store, 60, "60 tasks done before the pause").await?;
+    one.pause()?;
+    // replica two reaps one's leases and finishes everything while one is frozen
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(60), || {
+        executions_of(&[&a, &b])
+    })
+    .await?;
+    assert_eq!(r.unfinished(), 0, "two finished the work: {}", r.summary());
+    let events_before = all_events(&store).await?.len();
+    one.resume()?;
+    eventually(Duration::from_secs(15), "one notices it lost its claims", || async {
+        let log = one.log();
+        Ok((log.contains("fenced") || log.contains("lease lost")).then_some(()))
+    })
+    .await?;
+    assert!(one.terminate(Duration::from_secs(10)).await?, "one exits cleanly");
+    assert!(two.terminate(Duration::from_secs(10)).await?, "two exits cleanly");
+
+    let r = account(&store, &QueueName::default(), &ids, &executions_of(&[&a, &b])).await?;
+    assert_accounted(&r, &idempotent);
+    let events = all_events(&store).await?;
+    let mut succeeded: HashMap<TaskId, usize> = HashMap::new();
+    for e in &events {
+        if e.kind == EventKind::TaskSucceeded
+            && let Some(t) = e.task
+        {
+            *succeeded.entry(t).or_default() += 1;
+        }
+    }
+    assert!(ids.iter().all(|id| succeeded.get(id) == Some(&1)), "one success event per task");
+    let late: Vec<_> = events[events_before..].iter().filter(|e| e.task.is_some()).collect();
+    assert!(late.is_empty(), "the resumed replica published {late:?}");
+    println!(
+        "duplicated executions (expected: the paused replica's calls): {}",
+        r.duplicated.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_erring_overloaded_and_cutting_servers_are_classified() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let slow_s = McpServer::start(Mode::Stateless).await?;
+    let erring = McpServer::start(Mode::SessionSse).await?;
+    let busy = McpServer::start(Mode::SessionJson).await?;
+    let cutting = McpServer::start(Mode::SessionSse).await?;
+    let servers = vec![
+        server("slow", &slow_s, 8),
+        server("erring", &erring, 8),
+        server("busy", &busy, 8),
+        server("cutting", &cutting, 8),
+    ];
+    // probes would eat the armed faults: none during this test
+    let quiet = HealthConfig { interval_ms: 600_000, ..health() };
+    let fleet = Fleet::start(store.clone(), fleet_config(servers, quiet, 10_000)).await?;
+    eventually(Duration::from_secs(10), "every tool list", || async {
+        Ok(fleet.servers().iter().all(|s| s.tools.is_some()).then_some(()))
+    })
+    .await?;
+    let q = QueueName::default();
+    let pinned = |t: NewTask, s: &str| t.server(s).max_attempts(3).backoff(fast_backoff());
+    let echo = || NewTask::tool("echo", json!({"text": "hi"}));
+    let until = |id: TaskId, state: TaskState| {
+        let store = store.clone();
+        let q = q.clone();
+        async move {
+            eventually(Duration::from_secs(20), &format!("{id} {state:?}"), || async {
+                let t = store.get(&q, id).await?;
+                Ok(t.filter(|t| t.state == state))
+            })
+            .await
+        }
+    };
+    let runs = |s: &McpServer, id: TaskId| {
+        s.executions().iter().filter(|e| e.meta["mcpq/task"] == id.to_string()).count()
+    };
+
+    // slow within its limit: succeeds; past its limit: unknown outcome
+    let ok =
+        pinned(NewTask::tool("slow", json!({"ms": 300})).timeout(Duration::from_secs(5)), "slow");
+    let late = pinned(NewTask::tool("slow", json!({"ms": 3000})), "slow")
+        .timeout(Duration::from_millis(300));
+    let late_idem = late.clone().idempotent(true);
+    let late_idem = NewTask { id: TaskId::new(), ..late_idem };
+    let ids = enqueue(&store, &[ok, late, late_idem]).await?;
+    until(ids[0], TaskState::Succeeded).await?;
+    let t = until(ids[1], TaskState::Review).await?;
+    assert!(t.error.as_deref().unwrap_or_default().contains("timed out"), "{:?}", t.error);
+    let t = until(ids[2], TaskState::Dead).await?;
+    assert_eq!((t.attempt, runs(&slow_s, ids[2])), (3, 3), "retried to its last attempt");
+    assert_eq!(runs(&slow_s, ids[1]), 1, "not repeated");
+
+    // isError: failed at once, never repeated, idempotent or not
+    let ids2 = enqueue(
+        &store,
+        &[
+            pinned(NewTask::tool("fail", json!({})), "erring"),
+            pinned(NewTask::tool("fail", json!({})).idempotent(true), "erring"),
+        ],
+    )
+    .await?;
+    for id in &ids2 {
+        let t = until(*id, TaskState::Failed).await?;
+        assert!(t.error.as_deref().unwrap_or_default().contains("failed on purpose"));
+        assert_eq!((t.attempt, runs(&erring, *id)), (1, 1));
+    }
+
+    // 503 + Retry-After: not delivered, handed back without spending an attempt, then done
+    busy.faults().reject_next(2, 503, Some(1));
+    let started = Instant::now();
+    let id = enqueue(&store, &[pinned(echo(), "busy")]).await?[0];
+    let t = until(id, TaskState::Succeeded).await?;
+    println!("503 twice with Retry-After: 1 → done after {:?}", started.elapsed());
+    assert_eq!((t.attempt, runs(&busy, id)), (1, 1), "no attempt spent on refusals");
+    assert!(started.elapsed() >= Duration::from_millis(1900), "Retry-After honoured");
+    let released = all_events(&store)
+        .await?
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskReleased && e.task == Some(id))
+        .count();
+    assert!(released >= 2, "released {released} times");
+
+    // cut after acceptance: a non-idempotent task goes to review, an idempotent one is retried
+    cutting.faults().cut_after_accept_next(1);
+    let id = enqueue(&store, &[pinned(echo(), "cutting")]).await?[0];
+    until(id, TaskState::Review).await?;
+    assert_eq!(runs(&cutting, id), 1);
+    cutting.faults().cut_after_accept_next(1);
+    let id = enqueue(&store, &[pinned(echo().idempotent(true), "cutting")]).await?[0];
+    let t = until(id, TaskState::Succeeded).await?;
+    assert_eq!((t.attempt, runs(&cutting, id)), (2, 2), "ran twice: a counted duplicate");
+
+    let all: Vec<TaskId> = ids.iter().chain(&ids2).copied().collect();
+    let r = account(&store, &q, &all, &executions_of(&[&slow_s, &erring])).await?;
+    println!("accounting: {}", r.summary());
+    assert!(r.lost.is_empty());
+    fleet.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_tasks_enqueued_later_start_first() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let s = McpServer::start(Mode::Stateless).await?;
+    let fleet =
+        Fleet::start(store.clone(), fleet_config(vec![server("s", &s, 2)], health(), 10_000))
+            .await?;
+    let low: Vec<NewTask> = (0..40).map(|_| slow(30, true).priority(0)).collect();
+    let mut ids = enqueue(&store, &low).await?;
+    eventually(Duration::from_secs(10), "the busy server started", || async {
+        Ok((s.executions().len() >= 2).then_some(()))
+    })
+    .await?;
+    let high: Vec<NewTask> = (0..10).map(|_| slow(30, true).priority(10)).collect();
+    let high_ids: HashSet<TaskId> = high.iter().map(|t| t.id).collect();
+    ids.extend(enqueue(&store, &high).await?);
+    let started_before = s.executions().len();
+
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(30), || s.executions())
+        .await?;
+    assert_accounted(&r, &ids.iter().copied().collect());
+    let order: Vec<TaskId> = s.executions()[started_before..]
+        .iter()
+        .filter_map(|e| e.meta["mcpq/task"].as_str()?.parse().ok())
+        .collect();
+    let last_high = order.iter().rposition(|id| high_ids.contains(id)).unwrap_or(0);
+    let inversions = order[..last_high].iter().filter(|id| !high_ids.contains(id)).count();
+    println!("priority inversions after the high batch: {inversions} (in-flight window 2)");
+    assert!(inversions <= 2, "low tasks started before high ones: {inversions}");
+    fleet.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_actors_are_restarted_and_no_task_is_lost() -> Result<()> {
+    mcpq_tests::init_logs();
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[("default", QueueConfig::default())]).await?;
+    let a = McpServer::start(Mode::SessionSse).await?;
+    let b = McpServer::start(Mode::Stateless).await?;
+    let mut cfg = fleet_config(vec![server("a", &a, 8), server("b", &b, 8)], health(), 5000);
+    cfg.dispatch.restart.max_restarts = 2;
+    let fleet = Fleet::start(store.clone(), cfg).await?;
+
+    // not idempotent: a crash must neither lose a task nor make its outcome unknown
+    let tasks: Vec<NewTask> = (0..600).map(|_| slow(10, false)).collect();
+    let ids = enqueue(&store, &tasks).await?;
+    for (at, part) in
+        [(100, Part::WorkQueue), (250, Part::HealthMonitor), (400, Part::Client("a".into()))]
+    {
+        wait_succeeded(&store, at, "progress before the crash").await?;
+        let before = fleet.stats().restarts;
+        fleet.inject_crash(part.clone());
+        eventually(Duration::from_secs(10), &format!("{part:?} restarted"), || async {
+            Ok((fleet.stats().restarts > before).then_some(()))
+        })
+        .await?;
+    }
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(60), || {
+        executions_of(&[&a, &b])
+    })
+    .await?;
+    assert_accounted(&r, &ids.iter().copied().collect());
+    assert!(r.duplicated.is_empty(), "{}", r.summary());
+
+    // a client that keeps crashing spends its budget and stays down; work goes to the other
+    let b_running = || fleet.servers().iter().any(|s| s.name == "b" && s.client_running);
+    for _ in 0..2 {
+        let before = fleet.stats().restarts;
+        fleet.inject_crash(Part::Client("b".into()));
+        eventually(Duration::from_secs(10), "b restarted", || async {
+            Ok((fleet.stats().restarts > before && b_running()).then_some(()))
+        })
+        .await?;
+    }
+    fleet.inject_crash(Part::Client("b".into()));
+    eventually(Duration::from_secs(10), "b left stopped", || async {
+        Ok((!b_running()).then_some(()))
+    })
+    .await?;
+    let restarts = fleet.stats().restarts;
+    assert_eq!(restarts, 3 + 2, "two restarts of b within the budget, then none");
+    let b_runs = b.executions().len();
+    let more = enqueue(&store, &(0..50).map(|_| slow(5, false)).collect::<Vec<_>>()).await?;
+    let r = settle(&store, &QueueName::default(), &more, Duration::from_secs(30), || {
+        executions_of(&[&a, &b])
+    })
+    .await?;
+    if r.unfinished() > 0 {
+        println!("servers {:?}\nheld {} stats {:?}", fleet.servers(), fleet.held(), fleet.stats());
+        for t in r.tasks.values().filter(|t| !t.state.is_terminal()) {
+            println!("stuck: {t:?}");
+        }
+    }
+    assert_accounted(&r, &HashSet::new());
+    assert_eq!(r.count(TaskState::Succeeded), 50);
+    assert_eq!(b.executions().len(), b_runs, "the stopped client gets no work");
+    fleet.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_come_and_go_at_run_time_and_unplaceable_tasks_wait_or_expire() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let a = McpServer::start(Mode::Stateless).await?;
+    let gpu = McpServer::start(Mode::SessionSse).await?;
+    let fleet =
+        Fleet::start(store.clone(), fleet_config(vec![server("a", &a, 8)], health(), 10_000))
+            .await?;
+    let q = QueueName::default();
+    let state = |id: TaskId| {
+        let (store, q) = (store.clone(), q.clone());
+        async move { Ok::<_, anyhow::Error>(store.get(&q, id).await?.map(|t| t.state)) }
+    };
+
+    // no server carries the tag: the task waits (never failed) until one that does is added
+    let tagged = enqueue(&store, &[slow(5, false).tags(["gpu"])]).await?[0];
+    let unknown_tool = NewTask::tool("no-such-tool", json!({})).expires(Duration::from_millis(400));
+    let doomed = enqueue(&store, &[unknown_tool]).await?[0];
+    let t = eventually(Duration::from_secs(10), "the tool-less task expires", || async {
+        Ok(store.get(&q, doomed).await?.filter(|t| t.state == TaskState::Failed))
+    })
+    .await?;
+    assert!(t.error.as_deref().unwrap_or_default().contains("expired"), "{:?}", t.error);
+    assert!(
+        matches!(state(tagged).await?, Some(TaskState::Queued | TaskState::Scheduled)),
+        "the tagged task still waits"
+    );
+    let mut g = server("g", &gpu, 4);
+    g.tags = vec!["gpu".into()];
+    fleet.add_server(g.clone()).await?;
+    assert!(matches!(fleet.add_server(g).await, Err(mcpq_fleet::FleetError::DuplicateServer(_))));
+    eventually(Duration::from_secs(10), "the tagged task ran on the new server", || async {
+        Ok((state(tagged).await? == Some(TaskState::Succeeded)).then_some(()))
+    })
+    .await?;
+    assert_eq!(task_ids(&gpu.executions()), HashSet::from([tagged]));
+
+    // removing a server hands its running tasks to the others
+    let long: Vec<NewTask> = (0..4).map(|_| slow(400, true).server("a")).collect();
+    let pinned_ids = enqueue(&store, &long).await?;
+    eventually(Duration::from_secs(10), "a runs the pinned tasks", || async {
+        Ok((a.in_flight() == 4).then_some(()))
+    })
+    .await?;
+    fleet.remove_server("a").await?;
+    assert!(fleet.servers().iter().all(|s| s.name != "a"));
+    let runs_on_a = a.executions().len();
+    let spare: Vec<NewTask> = (0..4).map(|_| slow(5, true)).collect();
+    let spare_ids = enqueue(&store, &spare).await?;
+    let r = settle(&store, &q, &spare_ids, Duration::from_secs(20), || gpu.executions()).await?;
+    assert_eq!(r.count(TaskState::Succeeded), 4, "{}", r.summary());
+    assert_eq!(a.executions().len(), runs_on_a, "a removed server gets no calls");
+    for id in &pinned_ids {
+        // pinned to a server that is gone: they wait for it, handed back again and again
+        eventually(Duration::from_secs(10), "the pinned task waits for its server", || async {
+            let t = store.get(&q, *id).await?;
+            Ok(t.filter(|t| t.error.as_deref().is_some_and(|e| e.contains("pinned server a"))))
+        })
+        .await?;
+    }
+
+    // shutdown: short calls finish within the drain time, long ones are handed back
+    let quick = enqueue(&store, &(0..2).map(|_| slow(100, true)).collect::<Vec<_>>()).await?;
+    let stuck = enqueue(&store, &(0..2).map(|_| slow(10_000, true)).collect::<Vec<_>>()).await?;
+    eventually(Duration::from_secs(10), "all four running", || async {
+        Ok((gpu.in_flight() == 4).then_some(()))
+    })
+    .await?;
+    let report = fleet.shutdown().await?;
+    println!("drain: {report:?}");
+    assert_eq!(report.handed_back, 2, "{report:?}");
+    for id in quick {
+        assert_eq!(state(id).await?, Some(TaskState::Succeeded));
+    }
+    for id in stuck {
+        let s = state(id).await?;
+        assert!(matches!(s, Some(TaskState::Queued | TaskState::Scheduled)), "{s:?}");
+    }
+    Ok(())
+}
