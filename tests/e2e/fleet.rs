@@ -598,3 +598,38 @@ async fn servers_come_and_go_at_run_time_and_unplaceable_tasks_wait_or_expire() 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_goes_offline_and_its_calls_move_before_any_timeout() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let a = McpServer::start(Mode::Stateless).await?;
+    let b = McpServer::start(Mode::Stateless).await?;
+    // a and b limited to 20 calls a second, so the run lasts long enough to hang b mid-way
+    let mut sa = server("a", &a, 4);
+    sa.rate_limit = 20;
+    let fleet =
+        Fleet::start(store.clone(), fleet_config(vec![sa, server("b", &b, 4)], health(), 120_000))
+            .await?;
+    let tasks: Vec<NewTask> = (0..60).map(|_| slow(5, true)).collect();
+    let idempotent: HashSet<TaskId> = tasks.iter().map(|t| t.id).collect();
+    // b accepts every request from now on and never answers: no reset tells the client
+    b.faults().stall_next(100_000);
+    let started = Instant::now();
+    let ids = enqueue(&store, &tasks).await?;
+    // calls time out after 10 s (dispatch.timeout_ms) and leases after 120 s: finishing well
+    // before either shows the health monitor moved b's calls
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(8), || {
+        executions_of(&[&a, &b])
+    })
+    .await?;
+    let took = started.elapsed();
+    println!("all done in {took:?}; fleet stats {:?}", fleet.stats());
+    assert_accounted(&r, &idempotent);
+    assert!(fleet.stats().redistributed > 0, "b's calls were handed back");
+    assert!(fleet.servers().iter().any(|s| s.name == "b" && s.health == Health::Offline));
+    // a's rate limit: 20 a second with a burst of 20, so 60 tasks take at least 2 s
+    assert!(took >= Duration::from_millis(1900), "rate limit held: {took:?}");
+    fleet.shutdown().await?;
+    Ok(())
+}
