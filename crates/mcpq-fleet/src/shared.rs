@@ -449,21 +449,22 @@ impl Shared {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use mcpq_queue::{Call, Route, TaskState};
 
-    fn task() -> Task {
+    /// A running tool-call task, attempt 1 of 3, for tests of the fleet's pieces.
+    pub(crate) fn task(idempotent: bool) -> Task {
         Task {
             id: TaskId::new(),
             queue: QueueName::default(),
-            call: Call::Tool { name: "echo".into(), arguments: Value::Null },
+            call: Call::Tool { name: "t".into(), arguments: serde_json::json!({}) },
             priority: 0,
             route: Route::default(),
             max_attempts: 3,
-            backoff: Default::default(),
+            backoff: mcpq_queue::Backoff { initial_ms: 100, max_ms: 1000 },
             timeout: None,
-            idempotent: false,
+            idempotent,
             idempotency_key: None,
             expires: None,
             metadata: Default::default(),
@@ -481,7 +482,7 @@ mod tests {
     #[tokio::test]
     async fn ledger_counts_load_and_settles_each_task_once() {
         let mut l = Ledger::default();
-        let t = task();
+        let t = task(false);
         let id = t.id;
         let token = ClaimToken::from_raw(1);
         l.insert(id, Entry::new(QueueName::default(), t, token));
@@ -510,7 +511,7 @@ mod tests {
     #[test]
     fn ledger_forgets_only_the_holder_of_the_token() {
         let mut l = Ledger::default();
-        let t = task();
+        let t = task(false);
         let id = t.id;
         l.insert(id, Entry::new(QueueName::default(), t, ClaimToken::from_raw(2)));
         assert!(!l.forget(id, ClaimToken::from_raw(1)));

@@ -575,7 +575,7 @@ impl<S: Store> WorkQueueState<S> {
                     .complete
                     .into_iter()
                     .map(|c| Decision::Complete { server: c.server, result: c.result });
-                self.recorded(&queue, r, b.complete_of, back);
+                self.recorded(&queue, r, b.complete_of, back, false);
             }
             if !b.fail.is_empty() {
                 let r = self.store.fail(&queue, &b.fail).await;
@@ -584,7 +584,7 @@ impl<S: Store> WorkQueueState<S> {
                     error: f.error,
                     disposition: f.disposition,
                 });
-                self.recorded(&queue, r, b.fail_of, back);
+                self.recorded(&queue, r, b.fail_of, back, false);
             }
             if !b.release.is_empty() {
                 let r = self.store.release(&queue, &b.release).await;
@@ -595,7 +595,7 @@ impl<S: Store> WorkQueueState<S> {
                     .release
                     .into_iter()
                     .map(|r| Decision::Release { delay: r.delay, reason: r.reason });
-                self.recorded(&queue, r, b.release_of, back);
+                self.recorded(&queue, r, b.release_of, back, true);
             }
         }
     }
@@ -606,6 +606,7 @@ impl<S: Store> WorkQueueState<S> {
         result: mcpq_queue::Result<Vec<Settled>>,
         entries: Vec<(TaskId, Entry)>,
         decisions: impl Iterator<Item = Decision>,
+        released: bool,
     ) {
         let c = &self.shared.counters;
         match result {
@@ -622,7 +623,10 @@ impl<S: Store> WorkQueueState<S> {
                         Settled::Applied(TaskState::Failed) => Counters::add(&c.failed, 1),
                         Settled::Applied(TaskState::Dead) => Counters::add(&c.dead, 1),
                         Settled::Applied(TaskState::Review) => Counters::add(&c.review, 1),
-                        Settled::Applied(TaskState::Scheduled) => Counters::add(&c.retried, 1),
+                        // a release with a delay lands in scheduled too; only failures retry
+                        Settled::Applied(TaskState::Scheduled) if !released => {
+                            Counters::add(&c.retried, 1)
+                        }
                         Settled::Applied(_) => {}
                         Settled::Rejected(now) => {
                             Counters::add(&c.fenced, 1);
@@ -698,34 +702,9 @@ impl<S: Store> WorkQueueState<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::tests::task;
     use mcpq_mcp::RpcError;
-    use mcpq_queue::{Backoff, Route};
     use serde_json::json;
-
-    fn task(idempotent: bool) -> Task {
-        Task {
-            id: TaskId::new(),
-            queue: QueueName::default(),
-            call: Call::Tool { name: "t".into(), arguments: json!({}) },
-            priority: 0,
-            route: Route::default(),
-            max_attempts: 3,
-            backoff: Backoff { initial_ms: 100, max_ms: 1000 },
-            timeout: None,
-            idempotent,
-            idempotency_key: None,
-            expires: None,
-            metadata: Default::default(),
-            state: TaskState::Running,
-            attempt: 1,
-            server: None,
-            result: None,
-            error: None,
-            created_at_ms: 0,
-            started_at_ms: None,
-            finished_at_ms: None,
-        }
-    }
 
     fn attempt(outcome: Outcome<Value>) -> Settle {
         Settle::Attempt { server: "a".into(), outcome }
