@@ -245,9 +245,23 @@ const MAX_REFUSALS: u32 = 3;
 /// JSON-RPC errors that say the request itself is wrong: repeating it cannot help.
 const PERMANENT_CODES: [i64; 4] = [-32600, -32601, -32602, mcpq_mcp::RpcError::INPUT_REQUIRED];
 
+/// Refusals (not delivered) in a row of one task, this one included, and the longest pause
+/// put between them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refused {
+    pub(crate) count: u32,
+    pub(crate) max_delay: Duration,
+}
+
 /// Classifies a finished task. `repeatable`: the task is idempotent or a trusted server marks
 /// its tool safe to repeat.
-pub(crate) fn decide(settle: Settle, task: &Task, repeatable: bool, rng: &mut StdRng) -> Decision {
+pub(crate) fn decide(
+    settle: Settle,
+    task: &Task,
+    repeatable: bool,
+    refused: Refused,
+    rng: &mut StdRng,
+) -> Decision {
     let retry =
         |rng: &mut StdRng| Disposition::Retry { delay: task.backoff.delay(task.attempt, rng) };
     match settle {
@@ -271,10 +285,20 @@ pub(crate) fn decide(settle: Settle, task: &Task, repeatable: bool, rng: &mut St
                 let error = format!("error {} from {server}: {}", e.code, e.message);
                 Decision::Fail { server, error, disposition }
             }
-            Outcome::NotDelivered { reason, retry_after } => Decision::Release {
-                delay: retry_after.unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER),
-                reason: format!("not delivered to {server}: {reason}"),
-            },
+            Outcome::NotDelivered { reason, retry_after } => {
+                let reason = format!("not delivered to {server}: {reason}");
+                let asked = retry_after.unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER);
+                if refused.count > MAX_REFUSALS {
+                    // refused again and again (a 4xx this request keeps getting): spend
+                    // attempts, so the task ends dead with the reason instead of looping
+                    Decision::Fail { server, error: reason, disposition: retry(rng) }
+                } else if refused.count > 1 {
+                    let backoff = Duration::from_millis(50 << refused.count.min(10));
+                    Decision::Release { delay: asked.max(backoff.min(refused.max_delay)), reason }
+                } else {
+                    Decision::Release { delay: asked, reason }
+                }
+            }
             Outcome::Ambiguous { reason } => {
                 let disposition = if repeatable { retry(rng) } else { Disposition::Review };
                 let error = format!("outcome unknown on {server}: {reason}");
@@ -389,10 +413,7 @@ impl<S: Store> WorkQueueState<S> {
         let mut ledger = self.shared.ledger();
         for c in claimed {
             let id = c.task.id;
-            let expired = c
-                .task
-                .expires
-                .is_some_and(|e| c.task.created_at_ms.saturating_add(e.as_millis() as u64) < now);
+            let expired = c.task.is_expired(now);
             ledger.insert(id, Entry::new(queue.clone(), c.task, c.token));
             if expired {
                 Counters::add(&self.shared.counters.expired, 1);
@@ -415,51 +436,52 @@ impl<S: Store> WorkQueueState<S> {
         }
         let clients: Vec<Option<ActorRef<ClientMsg>>> =
             servers.iter().map(|s| self.shared.client(&s.cfg.name)).collect();
-        let mut load: Vec<u32> = servers.iter().map(|s| ledger.load(&s.cfg.name)).collect();
+        // one view of the fleet for the whole round, kept in step with each dispatch
+        let mut views: Vec<ServerView<'_>> = servers
+            .iter()
+            .zip(&clients)
+            .map(|(s, client)| ServerView {
+                name: &s.cfg.name,
+                tags: &s.cfg.tags,
+                weight: s.cfg.weight,
+                in_flight: ledger.load(&s.cfg.name),
+                max_concurrency: s.cfg.max_concurrency,
+                online: s.health != Health::Offline && s.available && client.is_some(),
+                tools: s.tools.as_ref().map(|t| &t.names),
+            })
+            .collect();
         let now = Instant::now();
         self.avoid.retain(|_, (_, at, _)| now.duration_since(*at) < Duration::from_secs(60));
         let now_ms = now_ms();
+        let fallback = self.cfg.strategy;
         for id in ids {
             let Some(entry) = ledger.get(&id) else { continue };
             let (task, entry_token, waited) =
                 (entry.task.clone(), entry.token, now.duration_since(entry.claimed_at));
-            let avoid = self.avoid.get(&id).map(|(s, _, _)| s.as_str());
-            let views = |skip: Option<&str>| -> Vec<ServerView<'_>> {
-                servers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| ServerView {
-                        name: &s.cfg.name,
-                        tags: &s.cfg.tags,
-                        weight: s.cfg.weight,
-                        in_flight: load[i],
-                        max_concurrency: s.cfg.max_concurrency,
-                        online: s.health != Health::Offline
-                            && s.available
-                            && clients[i].is_some()
-                            && skip != Some(s.cfg.name.as_str()),
-                        tools: s.tools.as_ref().map(|t| &t.names),
-                    })
-                    .collect()
-            };
-            let fallback = self.cfg.strategy;
+            // a server that just refused the task undelivered is tried last
+            let avoided = self
+                .avoid
+                .get(&id)
+                .and_then(|(name, _, _)| views.iter().position(|v| v.name == name))
+                .filter(|&i| views[i].online);
+            if let Some(i) = avoided {
+                views[i].online = false;
+            }
             let mut pick =
-                self.router.pick(&task.route, &task.call, &views(avoid), fallback, &mut self.rng);
-            if pick.is_err() && avoid.is_some() {
-                pick = self.router.pick(
-                    &task.route,
-                    &task.call,
-                    &views(None),
-                    fallback,
-                    &mut self.rng,
-                );
+                self.router.pick(&task.route, &task.call, &views, fallback, &mut self.rng);
+            if let Some(i) = avoided {
+                views[i].online = true;
+                if pick.is_err() {
+                    pick =
+                        self.router.pick(&task.route, &task.call, &views, fallback, &mut self.rng);
+                }
             }
             match pick {
                 Ok(i) => {
                     let name = &servers[i].cfg.name;
                     let Some(client) = &clients[i] else { continue };
                     ledger.send(id, name, client.get_id());
-                    load[i] += 1;
+                    views[i].in_flight += 1;
                     Counters::add(&self.shared.counters.dispatched, 1);
                     if client.send_message(ClientMsg::Call(id, entry_token)).is_err() {
                         let outcome = Outcome::NotDelivered {
@@ -467,7 +489,7 @@ impl<S: Store> WorkQueueState<S> {
                             retry_after: None,
                         };
                         ledger.finish(id, Settle::Attempt { server: name.clone(), outcome });
-                        load[i] -= 1;
+                        views[i].in_flight -= 1;
                     }
                 }
                 // held while a slot may free soon; past wait_ms other replicas get a chance
@@ -477,19 +499,20 @@ impl<S: Store> WorkQueueState<S> {
                     ledger.finish(id, Settle::Release { delay: Duration::ZERO, reason });
                 }
                 Err(why) => {
-                    let expired = task.expires.is_some_and(|e| {
-                        task.created_at_ms.saturating_add(e.as_millis() as u64) < now_ms
-                    });
                     let reason = match (why, &task.route.server, &task.call) {
                         (Wait::PinnedUnavailable, Some(s), _) => {
                             format!("pinned server {s} is unavailable")
                         }
+                        _ if !task.route.tags.is_empty() => format!(
+                            "no online server with tags {} offers it",
+                            task.route.tags.join(",")
+                        ),
                         (_, _, Call::Tool { name, .. }) => {
                             format!("no online server offers tool {name}")
                         }
                         _ => "no server can take it".to_owned(),
                     };
-                    let settle = if expired {
+                    let settle = if task.is_expired(now_ms) {
                         Counters::add(&self.shared.counters.expired, 1);
                         Settle::Expire { reason: format!("expired waiting: {reason}") }
                     } else {
@@ -532,25 +555,11 @@ impl<S: Store> WorkQueueState<S> {
                 }
                 let b = batches.entry(entry.queue.clone()).or_default();
                 let token = entry.token;
-                let mut decision = decide(settle, &entry.task, repeatable, &mut self.rng);
-                if let Decision::Release { delay, reason } = &mut decision
-                    && refusals > 1
-                {
-                    if refusals > MAX_REFUSALS {
-                        // refused again and again (a 4xx this request keeps getting): spend
-                        // attempts, so the task ends dead with the reason instead of looping
-                        self.avoid.remove(&id);
-                        decision = Decision::Fail {
-                            server: String::new(),
-                            error: std::mem::take(reason),
-                            disposition: Disposition::Retry {
-                                delay: entry.task.backoff.delay(entry.task.attempt, &mut self.rng),
-                            },
-                        };
-                    } else {
-                        let backoff = Duration::from_millis(50 << refusals.min(10));
-                        *delay = (*delay).max(backoff.min(Duration::from_millis(self.cfg.wait_ms)));
-                    }
+                let refused =
+                    Refused { count: refusals, max_delay: Duration::from_millis(self.cfg.wait_ms) };
+                let decision = decide(settle, &entry.task, repeatable, refused, &mut self.rng);
+                if matches!(decision, Decision::Fail { .. }) {
+                    self.avoid.remove(&id);
                 }
                 match decision {
                     Decision::Complete { server, result } => {
@@ -713,7 +722,8 @@ mod tests {
     #[test]
     fn outcomes_map_to_store_writes() {
         let mut rng = StdRng::seed_from_u64(1);
-        let mut d = |s: Settle, idem: bool| decide(s, &task(idem), idem, &mut rng);
+        let first = Refused { count: 1, max_delay: Duration::from_millis(200) };
+        let mut d = |s: Settle, idem: bool| decide(s, &task(idem), idem, first, &mut rng);
         assert!(matches!(
             d(attempt(Outcome::Executed(Ok(json!({"content": []})))), false),
             Decision::Complete { .. }
@@ -749,6 +759,18 @@ mod tests {
                 reason: "not delivered to a: 503".into()
             }
         );
+        let refused = |count| {
+            let nd = Outcome::NotDelivered { reason: "400".into(), retry_after: None };
+            let r = Refused { count, max_delay: Duration::from_millis(200) };
+            decide(attempt(nd), &task(false), false, r, &mut StdRng::seed_from_u64(2))
+        };
+        assert!(
+            matches!(refused(2), Decision::Release { delay, .. } if delay == Duration::from_millis(200))
+        );
+        assert!(matches!(
+            refused(MAX_REFUSALS + 1),
+            Decision::Fail { disposition: Disposition::Retry { .. }, .. }
+        ));
         let cut = || Outcome::Ambiguous { reason: "cut".into() };
         match d(attempt(cut()), true) {
             Decision::Fail { disposition: Disposition::Retry { delay }, .. } => {

@@ -655,6 +655,14 @@ pub struct Task {
     pub finished_at_ms: Option<u64>,
 }
 
+impl Task {
+    /// Whether `now_ms` (ms since the Unix epoch) is past its `expires` limit.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires
+            .is_some_and(|e| self.created_at_ms.saturating_add(e.as_millis() as u64) < now_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
