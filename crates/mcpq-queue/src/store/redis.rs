@@ -179,7 +179,7 @@ impl RedisStore {
         Fut: Future<Output = Result<T>>,
     {
         match op(self.conn()).await {
-            Err(Error::Unavailable(e)) if transient(&e) => {
+            Err(Error::Unavailable(e)) if e.downcast_ref().is_some_and(transient) => {
                 tracing::debug!(error = %e, "redis connection dropped; retrying once");
                 op(self.conn()).await
             }
