@@ -23,17 +23,27 @@ use serde_json::{Value, json};
 const PRODUCERS: usize = 2;
 const LEASE: Duration = Duration::from_secs(60);
 
-#[derive(Default, Clone, Copy)]
-struct Figures {
-    enqueue_per_s: f64,
-    drain_per_s: f64,
-    cycle_per_s: f64,
-    cycle_client_us: f64,
-    cycle_redis_us: f64,
-    commands_per_task: f64,
-    round_trips_per_task: f64,
-    bytes_per_queued: f64,
-}
+/// A column of a results table: heading, width, decimals.
+struct Col(&'static str, usize, usize);
+
+const REDIS_COLS: &[Col] = &[
+    Col("enqueue/s", 10, 0),
+    Col("claim+complete/s", 16, 0),
+    Col("cycle/s", 9, 0),
+    Col("client µs", 10, 1),
+    Col("redis µs", 10, 1),
+    Col("cmds/task", 9, 2),
+    Col("rtrips/task", 11, 4),
+    Col("bytes/task", 10, 1),
+];
+
+const EMBEDDED_COLS: &[Col] = &[
+    Col("enqueue/s", 10, 0),
+    Col("claim+complete/s", 16, 0),
+    Col("cycle/s", 9, 0),
+    Col("cpu µs", 10, 1),
+    Col("file bytes/task", 15, 0),
+];
 
 fn info(conn: &mut redis::Connection, section: &str) -> Result<HashMap<String, String>> {
     let text: String = redis::cmd("INFO").arg(section).query(conn)?;
@@ -176,7 +186,8 @@ async fn expect<S: Store>(store: &S, q: &QueueName, n: usize, drained: bool) -> 
     Ok(())
 }
 
-async fn run_redis(n: usize, shape: Shape) -> Result<Figures> {
+/// One run against a fresh redis-server: the figures of [`REDIS_COLS`].
+async fn run_redis(n: usize, shape: Shape) -> Result<Vec<f64>> {
     let server = RedisServer::start()?;
     let mut raw = server.raw()?;
     let store = server.store(&[]).await?;
@@ -222,33 +233,25 @@ async fn run_redis(n: usize, shape: Shape) -> Result<Figures> {
     let cycle_s = cycle(&store, n, shape).await?;
     let (client1, redis1) = (own_cpu_s()?, redis_cpu_s(&mut raw)?);
 
-    Ok(Figures {
-        enqueue_per_s: n as f64 / enqueue_s,
-        drain_per_s: n as f64 / drain_s,
-        cycle_per_s: n as f64 / cycle_s,
-        cycle_client_us: (client1 - client0) * 1e6 / n as f64,
-        cycle_redis_us: (redis1 - redis0) * 1e6 / n as f64,
-        commands_per_task: all_cmds as f64 / n as f64,
-        round_trips_per_task: client_rt as f64 / n as f64,
-        bytes_per_queued: (mem_after - mem_before) / n as f64,
-    })
-}
-
-/// The embedded store's figures.
-#[derive(Default, Clone, Copy)]
-struct Local {
-    enqueue_per_s: f64,
-    drain_per_s: f64,
-    cycle_per_s: f64,
-    cycle_cpu_us: f64,
-    file_bytes_per_task: f64,
+    let per_task = |x: f64| x / n as f64;
+    Ok(vec![
+        n as f64 / enqueue_s,
+        n as f64 / drain_s,
+        n as f64 / cycle_s,
+        per_task((client1 - client0) * 1e6),
+        per_task((redis1 - redis0) * 1e6),
+        per_task(all_cmds as f64),
+        per_task(client_rt as f64),
+        per_task(mem_after - mem_before),
+    ])
 }
 
 fn file_size(dir: &std::path::Path) -> Result<f64> {
     Ok(std::fs::metadata(dir.join("mcpq.redb"))?.len() as f64)
 }
 
-async fn run_embedded(n: usize, shape: Shape, parent: Option<&str>) -> Result<Local> {
+/// One run against a fresh embedded store: the figures of [`EMBEDDED_COLS`].
+async fn run_embedded(n: usize, shape: Shape, parent: Option<&str>) -> Result<Vec<f64>> {
     let tmp = match parent {
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
@@ -273,35 +276,45 @@ async fn run_embedded(n: usize, shape: Shape, parent: Option<&str>) -> Result<Lo
     let cycle_s = cycle(&store, n, shape).await?;
     let cpu1 = own_cpu_s()?;
     let size1 = file_size(&dir)?;
-    Ok(Local {
-        enqueue_per_s: n as f64 / enqueue_s,
-        drain_per_s: n as f64 / drain_s,
-        cycle_per_s: n as f64 / cycle_s,
-        cycle_cpu_us: (cpu1 - cpu0) * 1e6 / n as f64,
-        file_bytes_per_task: (size1 - size0) / (2 * n) as f64,
-    })
+    let n = n as f64;
+    Ok(vec![
+        n / enqueue_s,
+        n / drain_s,
+        n / cycle_s,
+        (cpu1 - cpu0) * 1e6 / n,
+        // the main queue's and the cycle's tasks, all retained
+        (size1 - size0) / (2.0 * n),
+    ])
 }
 
-fn print_local(label: &str, f: &Local) {
-    println!(
-        "{:>6} {:>10.0} {:>16.0} {:>9.0} {:>10.1} {:>15.0}",
-        label, f.enqueue_per_s, f.drain_per_s, f.cycle_per_s, f.cycle_cpu_us, f.file_bytes_per_task
-    );
+fn print_row(label: &str, cols: &[Col], values: &[f64]) {
+    let cells: Vec<String> =
+        cols.iter().zip(values).map(|(Col(_, w, d), v)| format!("{v:>w$.d$}")).collect();
+    println!("{label:>6} {}", cells.join(" "));
 }
 
-fn print_row(label: &str, f: &Figures) {
-    println!(
-        "{:>6} {:>10.0} {:>16.0} {:>9.0} {:>10.1} {:>10.1} {:>9.2} {:>11.4} {:>10.1}",
-        label,
-        f.enqueue_per_s,
-        f.drain_per_s,
-        f.cycle_per_s,
-        f.cycle_client_us,
-        f.cycle_redis_us,
-        f.commands_per_task,
-        f.round_trips_per_task,
-        f.bytes_per_queued
-    );
+/// Runs `run` `runs` times, printing each run's row and then the median of each column.
+fn table(
+    title: &str,
+    cols: &[Col],
+    runs: usize,
+    note: &str,
+    mut run: impl FnMut() -> Result<Vec<f64>>,
+) -> Result<()> {
+    println!("{title}");
+    let heads: Vec<String> = cols.iter().map(|Col(h, w, _)| format!("{h:>w$}")).collect();
+    println!("{:>6} {}", "run", heads.join(" "));
+    let mut all = Vec::new();
+    for i in 1..=runs {
+        let row = run()?;
+        print_row(&i.to_string(), cols, &row);
+        all.push(row);
+    }
+    let medians: Vec<f64> =
+        (0..cols.len()).map(|c| median(all.iter().map(|r| r[c]).collect())).collect();
+    print_row("median", cols, &medians);
+    println!("({note})");
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -324,87 +337,24 @@ fn main() -> Result<()> {
         shape.enqueue_batch, shape.batch, shape.workers
     );
     if which != "embedded" {
-        bench_redis(&rt, &setup, n, runs, shape)?;
+        table(
+            &format!("mcpq-queue Redis store, {setup}"),
+            REDIS_COLS,
+            runs,
+            "client µs, redis µs: CPU per task during the cycle",
+            || rt.block_on(run_redis(n, shape)),
+        )?;
     }
     if which != "redis" {
-        bench_embedded(&rt, &setup, n, runs, shape)?;
+        let parent = text_arg("--dir");
+        let place = parent.as_deref().unwrap_or("the temporary directory");
+        table(
+            &format!("mcpq-queue embedded store (durable commits) in {place}, {setup}"),
+            EMBEDDED_COLS,
+            runs,
+            "cpu µs: this process's CPU per task during the cycle, writer thread included",
+            || rt.block_on(run_embedded(n, shape, parent.as_deref())),
+        )?;
     }
-    Ok(())
-}
-
-fn bench_redis(
-    rt: &tokio::runtime::Runtime,
-    setup: &str,
-    n: usize,
-    runs: usize,
-    shape: Shape,
-) -> Result<()> {
-    println!("mcpq-queue Redis store, {setup}");
-    println!(
-        "{:>6} {:>10} {:>16} {:>9} {:>10} {:>10} {:>9} {:>11} {:>10}",
-        "run",
-        "enqueue/s",
-        "claim+complete/s",
-        "cycle/s",
-        "client µs",
-        "redis µs",
-        "cmds/task",
-        "rtrips/task",
-        "bytes/task"
-    );
-    let mut all = Vec::new();
-    for i in 1..=runs {
-        let f = rt.block_on(run_redis(n, shape))?;
-        print_row(&i.to_string(), &f);
-        all.push(f);
-    }
-    let m = |get: fn(&Figures) -> f64| median(all.iter().map(get).collect());
-    let med = Figures {
-        enqueue_per_s: m(|f| f.enqueue_per_s),
-        drain_per_s: m(|f| f.drain_per_s),
-        cycle_per_s: m(|f| f.cycle_per_s),
-        cycle_client_us: m(|f| f.cycle_client_us),
-        cycle_redis_us: m(|f| f.cycle_redis_us),
-        commands_per_task: m(|f| f.commands_per_task),
-        round_trips_per_task: m(|f| f.round_trips_per_task),
-        bytes_per_queued: m(|f| f.bytes_per_queued),
-    };
-    print_row("median", &med);
-    println!("(client µs, redis µs: CPU per task during the cycle)");
-    Ok(())
-}
-
-fn bench_embedded(
-    rt: &tokio::runtime::Runtime,
-    setup: &str,
-    n: usize,
-    runs: usize,
-    shape: Shape,
-) -> Result<()> {
-    let parent = text_arg("--dir");
-    println!(
-        "mcpq-queue embedded store (durable commits) in {}, {setup}",
-        parent.as_deref().unwrap_or("the temporary directory")
-    );
-    println!(
-        "{:>6} {:>10} {:>16} {:>9} {:>10} {:>15}",
-        "run", "enqueue/s", "claim+complete/s", "cycle/s", "cpu µs", "file bytes/task"
-    );
-    let mut all = Vec::new();
-    for i in 1..=runs {
-        let f = rt.block_on(run_embedded(n, shape, parent.as_deref()))?;
-        print_local(&i.to_string(), &f);
-        all.push(f);
-    }
-    let m = |get: fn(&Local) -> f64| median(all.iter().map(get).collect());
-    let med = Local {
-        enqueue_per_s: m(|f| f.enqueue_per_s),
-        drain_per_s: m(|f| f.drain_per_s),
-        cycle_per_s: m(|f| f.cycle_per_s),
-        cycle_cpu_us: m(|f| f.cycle_cpu_us),
-        file_bytes_per_task: m(|f| f.file_bytes_per_task),
-    };
-    print_local("median", &med);
-    println!("(cpu µs: this process's CPU per task during the cycle, writer thread included)");
     Ok(())
 }
