@@ -178,7 +178,8 @@ async fn claim_orders_by_priority_then_fifo<B: Backend>() -> Result<()> {
     Ok(())
 }
 
-fn id_created_ago(ago: Duration) -> TaskId {
+/// A fresh id whose creation time is `ago` before now, so aging has something to weigh.
+pub(crate) fn id_created_ago(ago: Duration) -> TaskId {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let then = now - ago;
