@@ -1,5 +1,6 @@
 //! mcpq's end-to-end tests: one binary, real processes.
 
+mod api_router;
 mod fleet;
 mod mcp_auth;
 mod mcp_client;

@@ -405,6 +405,12 @@ impl NewTask {
         self
     }
 
+    /// Checks every field as a store will, naming the field at fault (`call.name`,
+    /// `timeout_ms`, …), without storing anything.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.encode().map(|_| ())
+    }
+
     /// Checks every field and encodes the spec; nothing reaches a store without this.
     pub(crate) fn encode(&self) -> Result<EncodedTask<'_>, Error> {
         check_name("call.name", self.call.target(), matches!(self.call, Call::Resource { .. }))?;

@@ -57,7 +57,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.node = node;
                 cfg.validate()?;
             }
-            crate::serve::run(cfg, crate::serve::shutdown_signal()).await?;
+            let addr = cfg.api.addr()?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("api.listen: cannot listen on {addr}: {e}"))?;
+            crate::serve::run(cfg, listener, crate::serve::shutdown_signal()).await?;
             Ok(())
         }
     }
