@@ -7,5 +7,6 @@ mod mcp_client;
 mod mcp_everything;
 mod mcp_server;
 mod store_conformance;
+mod store_embedded;
 mod store_input;
 mod store_model;

@@ -1,6 +1,7 @@
-//! Model-based test of the Redis store: random operation sequences run against a real
-//! redis-server and against an in-memory model of the Lua transitions; after every step both
-//! must agree on the answer, on every task's state and attempt, on the counts and on the queue.
+//! Model-based test of both stores: random operation sequences run against a store (a real
+//! redis-server, or the embedded store in a temporary directory) and against an in-memory model
+//! of the Lua transitions; after every step both must agree on the answer, on every task's state
+//! and attempt, on the counts and on the queue.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::{Debug, Display};
@@ -8,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use mcpq_queue::{
-    CancelOutcome, ClaimToken, Completion, Disposition, Enqueued, Error, Failure, NewTask,
-    QueueName, QueueStats, RedisStore, Release, Settled, Store, TaskId, TaskState,
+    CancelOutcome, ClaimToken, Completion, Disposition, EmbeddedStore, Enqueued, Error, Failure,
+    NewTask, QueueName, QueueStats, Release, Settled, Store, TaskId, TaskState,
 };
 use mcpq_tests::RedisServer;
 use proptest::prelude::*;
@@ -23,21 +24,38 @@ const HOUR: Duration = Duration::from_secs(3600);
 const SHORT_LEASE: Duration = Duration::from_millis(1);
 const IDEMPOTENCY_KEYS: [&str; 2] = ["k0", "k1"];
 
+fn config() -> Config {
+    Config { cases: 64, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() }
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    prop::collection::vec(op(), 1..60)
+}
+
 #[test]
 fn redis_store_agrees_with_the_model_after_every_step() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let server = RedisServer::start()?;
     let store = rt.block_on(server.store(&[]))?;
-    let config = Config {
-        cases: 64,
-        failure_persistence: None,
-        max_shrink_iters: 4096,
-        ..Config::default()
-    };
-    let outcome = TestRunner::new(config).run(&prop::collection::vec(op(), 1..60), |ops| {
+    let outcome = TestRunner::new(config()).run(&ops(), |ops| {
         let mut raw = server.raw().map_err(broke)?;
         redis::cmd("FLUSHALL").query::<()>(&mut raw).map_err(broke)?;
-        rt.block_on(Run::new(&store).all(ops))
+        rt.block_on(Run::new(&store, QueueName::default()).all(ops))
+    });
+    outcome.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[test]
+fn embedded_store_agrees_with_the_model_after_every_step() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let dir = tempfile::tempdir()?;
+    let store = EmbeddedStore::open_path(dir.path().join("store"))?;
+    // a queue of its own per case: a queue shares nothing with another
+    let case = std::cell::Cell::new(0u64);
+    let outcome = TestRunner::new(config()).run(&ops(), |ops| {
+        case.set(case.get() + 1);
+        let q = QueueName::new(format!("case-{}", case.get())).map_err(broke)?;
+        rt.block_on(Run::new(&store, q).all(ops))
     });
     outcome.map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -545,23 +563,17 @@ impl Model {
 }
 
 /// One test case: the store, the model and a readable trace of the steps so far.
-struct Run<'a> {
-    store: &'a RedisStore,
+struct Run<'a, S: Store> {
+    store: &'a S,
     q: QueueName,
     m: Model,
     trace: Vec<String>,
     last_short_claim: Option<Instant>,
 }
 
-impl<'a> Run<'a> {
-    fn new(store: &'a RedisStore) -> Self {
-        Self {
-            store,
-            q: QueueName::default(),
-            m: Model::default(),
-            trace: Vec::new(),
-            last_short_claim: None,
-        }
+impl<'a, S: Store> Run<'a, S> {
+    fn new(store: &'a S, q: QueueName) -> Self {
+        Self { store, q, m: Model::default(), trace: Vec::new(), last_short_claim: None }
     }
 
     async fn all(mut self, ops: Vec<Op>) -> Result<(), TestCaseError> {

@@ -41,9 +41,10 @@ pub enum Error {
         /// The task's state.
         state: TaskState,
     },
-    /// The store could not be reached or refused the command; worth retrying.
+    /// The store could not be reached, refused the command or failed to read or write its
+    /// storage; worth retrying. The source is the backend's own error (Redis, redb, I/O).
     #[error("store unavailable")]
-    Unavailable(#[source] redis::RedisError),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The store answered with data that does not decode.
     #[error("corrupt data in store: {0}")]
     Corrupt(String),
@@ -61,7 +62,7 @@ impl Error {
 
 impl From<redis::RedisError> for Error {
     fn from(e: redis::RedisError) -> Self {
-        Self::Unavailable(e)
+        Self::Unavailable(Box::new(e))
     }
 }
 

@@ -8,7 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::InvalidInput;
+use crate::error::{Error, InvalidInput};
+use crate::record;
 use crate::task::{QueueName, TaskId};
 
 /// The position of an event in its queue's stream, `<ms>-<seq>.<index>`: the stream entry's
@@ -165,6 +166,62 @@ pub struct Event {
     /// The error or reason, where one applies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// One stream entry as both stores keep it: its id, the kind's code, and optional fields: `t`
+/// the task ids (16 bytes each; absent for server events, which name no task), and MessagePack
+/// arrays with one item per task of `a` attempts, `s` servers and `e` errors.
+pub(crate) struct RawEntry<'a> {
+    pub(crate) ms: u64,
+    pub(crate) seq: u64,
+    pub(crate) kind: &'a [u8],
+    pub(crate) tasks: Option<&'a [u8]>,
+    pub(crate) attempts: Option<&'a [u8]>,
+    pub(crate) servers: Option<&'a [u8]>,
+    pub(crate) errors: Option<&'a [u8]>,
+}
+
+impl RawEntry<'_> {
+    /// The entry's events, one per task it names; the i-th has index i.
+    pub(crate) fn events(&self, queue: &QueueName) -> Result<Vec<Event>, Error> {
+        let corrupt =
+            |what: &str| Error::Corrupt(format!("event entry {}-{}: {what}", self.ms, self.seq));
+        let list =
+            |field: Option<&[u8]>, name: &str| -> Result<Option<Vec<serde_json::Value>>, Error> {
+                field.map(|b| record::from_msgpack(b).map_err(|_| corrupt(name))).transpose()
+            };
+        let kind = EventKind::from_code(self.kind).ok_or_else(|| corrupt("unknown kind"))?;
+        let ids: Vec<Option<TaskId>> = match self.tasks {
+            Some(t) if t.len() % 16 == 0 => t.chunks(16).map(TaskId::from_slice).collect(),
+            Some(_) => return Err(corrupt("task ids")),
+            None => vec![None],
+        };
+        let (attempts, servers, errors) =
+            (list(self.attempts, "a")?, list(self.servers, "s")?, list(self.errors, "e")?);
+        fn pick(l: &Option<Vec<serde_json::Value>>, i: usize) -> Option<&serde_json::Value> {
+            l.as_ref().and_then(|l| l.get(i))
+        }
+        let text = |v: Option<&serde_json::Value>| {
+            v.and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_owned)
+        };
+        Ok(ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, task)| Event {
+                // an entry holds at most a batch of tasks, far below u32::MAX
+                id: EventId { ms: self.ms, seq: self.seq, index: i as u32 },
+                queue: queue.clone(),
+                kind,
+                task,
+                attempt: pick(&attempts, i)
+                    .and_then(|v| v.as_u64())
+                    .and_then(|a| u16::try_from(a).ok())
+                    .filter(|a| *a > 0),
+                server: text(pick(&servers, i)),
+                error: text(pick(&errors, i)),
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! mcpq's durable queue: the task model, events, the [`Store`] trait with its Redis backend,
-//! and [`Queue`], the handle producers enqueue through.
+//! mcpq's durable queue: the task model, events, the [`Store`] trait with its Redis and
+//! embedded backends, and [`Queue`], the handle producers enqueue through.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), mcpq_queue::Error> {
@@ -23,6 +23,7 @@ pub use config::{QueueConfig, QueueConfigs, StoreConfig};
 pub use error::{Error, InvalidInput, Result};
 pub use event::{Event, EventId, EventKind, StartAt};
 pub use queue::Queue;
+pub use store::embedded::EmbeddedStore;
 pub use store::redis::RedisStore;
 pub use store::{
     CancelOutcome, ClaimToken, Claimed, Completion, Disposition, Enqueued, Failure, Page,

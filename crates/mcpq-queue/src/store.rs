@@ -1,10 +1,12 @@
 //! The [`Store`] trait: every task state transition as one atomic operation, with its event.
-//! Backends: [`redis::RedisStore`] for fleets. Batch operations answer item by item, in order.
+//! Backends: [`redis::RedisStore`] for fleets, [`embedded::EmbeddedStore`] for a single node.
+//! Batch operations answer item by item, in order.
 //!
 //! Fencing: [`Store::claim`] hands out a [`ClaimToken`] per task; renew, complete, fail and
 //! release apply only while that token is the task's latest claim and it is running, so a
 //! paused or partitioned dispatcher can neither commit a stale result nor publish its event.
 
+pub mod embedded;
 pub mod redis;
 
 use std::future::Future;
@@ -12,9 +14,30 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::error::Result;
+use crate::error::{Error, InvalidInput, Result};
 use crate::event::{Event, EventId, EventKind};
 use crate::task::{NewTask, QueueName, Task, TaskId, TaskState};
+
+/// Most tasks one atomic step carries; larger batches are split into steps of this size (the
+/// Redis store's scripts cannot take more, and both stores split alike so that event entries
+/// match).
+pub(crate) const MAX_BATCH: usize = 1000;
+
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Refuses to publish a task kind: those come only with their transition.
+pub(crate) fn check_publishable(kind: EventKind) -> Result<()> {
+    if kind.is_server() {
+        return Ok(());
+    }
+    Err(Error::Invalid(InvalidInput::new(
+        "kind",
+        format!("{kind} is written by its transition, not published"),
+    )))
+}
 
 /// Proof of a claim; presented to settle or renew the task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,6 +65,19 @@ pub struct Claimed {
     pub token: ClaimToken,
     /// When the lease runs out unless renewed (store clock, ms since the epoch).
     pub lease_deadline_ms: u64,
+}
+
+impl Claimed {
+    /// A claimed task from its record as the claim rewrote it.
+    pub(crate) fn decode(
+        queue: &QueueName,
+        id: TaskId,
+        raw: &[u8],
+        deadline_ms: u64,
+    ) -> Result<Self> {
+        let rec = crate::record::decode(queue, id, raw)?;
+        Ok(Self { task: rec.task, token: ClaimToken(rec.claims), lease_deadline_ms: deadline_ms })
+    }
 }
 
 /// What became of one submitted task.
@@ -76,6 +112,14 @@ pub struct Completion {
     pub server: String,
     /// The MCP result.
     pub result: Value,
+}
+
+impl Completion {
+    /// The result as stored: named MessagePack.
+    pub(crate) fn encoded_result(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(&self.result)
+            .map_err(|e| Error::Invalid(InvalidInput::new("result", e.to_string())))
+    }
 }
 
 /// What to do with a task after a failed attempt.

@@ -411,6 +411,24 @@ impl NewTask {
         self.encode().map(|_| ())
     }
 
+    /// Checks and encodes a batch; an error names the offending task's index (`tasks[3].…`)
+    /// when there are several. Nothing reaches a store without this.
+    pub(crate) fn encode_all(tasks: &[NewTask]) -> Result<Vec<EncodedTask<'_>>, Error> {
+        tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.encode().map_err(|e| match e {
+                    Error::Invalid(mut inv) if tasks.len() > 1 => {
+                        inv.field = format!("tasks[{i}].{}", inv.field);
+                        Error::Invalid(inv)
+                    }
+                    other => other,
+                })
+            })
+            .collect()
+    }
+
     /// Checks every field and encodes the spec; nothing reaches a store without this.
     pub(crate) fn encode(&self) -> Result<EncodedTask<'_>, Error> {
         check_name("call.name", self.call.target(), matches!(self.call, Call::Resource { .. }))?;
@@ -569,7 +587,6 @@ impl TaskState {
     ];
 
     /// The state's code in stored records (1..=8).
-    #[cfg(test)]
     pub(crate) fn code(self) -> u8 {
         self as u8 + 1
     }

@@ -13,20 +13,17 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, AsyncConnectionConfig, RedisError, Value};
-use serde_json::Value as Value2;
 
 use crate::config::{QueueConfig, QueueConfigs, StoreConfig};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventId, EventKind};
+use crate::event::{Event, EventId, EventKind, RawEntry};
 use crate::record;
 use crate::store::{
-    CancelOutcome, ClaimToken, Claimed, Completion, Enqueued, Failure, Page, QueueStats, Release,
-    Settled, Store,
+    CancelOutcome, ClaimToken, Claimed, Completion, Enqueued, Failure, MAX_BATCH, Page, QueueStats,
+    Release, Settled, Store, check_publishable,
 };
-use crate::task::{EncodedTask, NewTask, QueueName, Task, TaskId, TaskState};
+use crate::task::{NewTask, QueueName, Task, TaskId, TaskState};
 
-/// Most tasks one script call carries; larger batches are split (Lua's `unpack` limit).
-const MAX_BATCH: usize = 1000;
 /// Blocking connections kept for event reads.
 const MAX_IDLE_READERS: usize = 8;
 
@@ -179,7 +176,7 @@ impl RedisStore {
         Fut: Future<Output = Result<T>>,
     {
         match op(self.conn()).await {
-            Err(Error::Unavailable(e)) if transient(&e) => {
+            Err(Error::Unavailable(e)) if e.downcast_ref().is_some_and(transient) => {
                 tracing::debug!(error = %e, "redis connection dropped; retrying once");
                 op(self.conn()).await
             }
@@ -294,65 +291,31 @@ fn transient(e: &RedisError) -> bool {
 
 /// Expands one stream entry into its events, one per task it names.
 fn parse_entry(queue: &QueueName, entry: &StreamId) -> Result<Vec<Event>> {
-    let corrupt = |what: &str| Error::Corrupt(format!("event entry {}: {what}", entry.id));
-    let (ms, seq) = entry.id.split_once('-').ok_or_else(|| corrupt("bad id"))?;
-    let (ms, seq) =
-        (ms.parse().map_err(|_| corrupt("bad id"))?, seq.parse().map_err(|_| corrupt("bad id"))?);
+    let (ms, seq) = entry
+        .id
+        .split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .ok_or_else(|| Error::Corrupt(format!("event entry {}: bad id", entry.id)))?;
     let field = |name: &str| match entry.map.get(name) {
         Some(Value::BulkString(b)) => Some(b.as_slice()),
         _ => None,
     };
-    let list = |name: &str| -> Result<Option<Vec<Value2>>> {
-        field(name)
-            .map(|b| record::from_msgpack::<Vec<Value2>>(b).map_err(|_| corrupt(name)))
-            .transpose()
-    };
-    let kind = field("k").and_then(EventKind::from_code).ok_or_else(|| corrupt("unknown kind"))?;
-    let ids: Vec<Option<TaskId>> = match field("t") {
-        Some(t) if t.len() % 16 == 0 => t.chunks(16).map(TaskId::from_slice).collect(),
-        Some(_) => return Err(corrupt("task ids")),
-        None => vec![None],
-    };
-    let (attempts, servers, errors) = (list("a")?, list("s")?, list("e")?);
-    let pick = |l: &Option<Vec<Value2>>, i: usize| l.as_ref().and_then(|l| l.get(i).cloned());
-    Ok(ids
-        .into_iter()
-        .enumerate()
-        .map(|(i, task)| Event {
-            id: EventId { ms, seq, index: i as u32 },
-            queue: queue.clone(),
-            kind,
-            task,
-            attempt: pick(&attempts, i)
-                .and_then(|v| v.as_u64())
-                .and_then(|a| u16::try_from(a).ok())
-                .filter(|a| *a > 0),
-            server: pick(&servers, i)
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .filter(|s| !s.is_empty()),
-            error: pick(&errors, i)
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .filter(|s| !s.is_empty()),
-        })
-        .collect())
+    RawEntry {
+        ms,
+        seq,
+        kind: field("k").unwrap_or_default(),
+        tasks: field("t"),
+        attempts: field("a"),
+        servers: field("s"),
+        errors: field("e"),
+    }
+    .events(queue)
 }
 
 impl Store for RedisStore {
     async fn enqueue(&self, queue: &QueueName, tasks: &[NewTask]) -> Result<Vec<Enqueued>> {
         // every task is checked before any is written
-        let encoded = tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                t.encode().map_err(|e| match e {
-                    Error::Invalid(mut inv) if tasks.len() > 1 => {
-                        inv.field = format!("tasks[{i}].{}", inv.field);
-                        Error::Invalid(inv)
-                    }
-                    other => other,
-                })
-            })
-            .collect::<Result<Vec<EncodedTask<'_>>>>()?;
+        let encoded = NewTask::encode_all(tasks)?;
         let (k, cfg) = (&self.keys(queue), self.cfg(queue));
         // re-sending the same ids is harmless: existing ids are answered, not re-created
         self.batched(&encoded, |mut c, chunk| async move {
@@ -371,14 +334,7 @@ impl Store for RedisStore {
         reply
             .tasks
             .into_iter()
-            .map(|(id, raw)| {
-                let rec = record::decode(queue, id, &raw)?;
-                Ok(Claimed {
-                    task: rec.task,
-                    token: ClaimToken(rec.claims),
-                    lease_deadline_ms: reply.deadline_ms,
-                })
-            })
+            .map(|(id, raw)| Claimed::decode(queue, id, &raw, reply.deadline_ms))
             .collect()
     }
 
@@ -555,12 +511,7 @@ impl Store for RedisStore {
         server: &str,
         detail: &str,
     ) -> Result<EventId> {
-        if !kind.is_server() {
-            return Err(Error::Invalid(crate::InvalidInput::new(
-                "kind",
-                format!("{kind} is written by its transition, not published"),
-            )));
-        }
+        check_publishable(kind)?;
         let k = &self.keys(queue);
         let max = self.cfg(queue).events_max;
         let pack = |s: &str| {

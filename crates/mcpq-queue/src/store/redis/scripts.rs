@@ -12,7 +12,7 @@ use crate::config::QueueConfig;
 use crate::error::{Error, Result};
 use crate::record::flags;
 use crate::store::{
-    ClaimToken, Completion, Disposition, Enqueued, Failure, QueueStats, Release, Settled,
+    ClaimToken, Completion, Disposition, Enqueued, Failure, QueueStats, Release, Settled, millis,
 };
 use crate::task::{EncodedTask, TaskId, TaskState};
 
@@ -103,10 +103,6 @@ fn settled(v: Value, what: &str) -> Result<Vec<Settled>> {
         .collect()
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 async fn run<C: ConnectionLike>(inv: &ScriptInvocation<'_>, conn: &mut C) -> Result<Value> {
     Ok(inv.invoke_async(conn).await?)
 }
@@ -166,7 +162,7 @@ pub(super) async fn claim<C: ConnectionLike>(
 ) -> Result<ClaimReply> {
     let mut inv = CLAIM.prepare_invoke();
     inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.leases).key(&k.events).key(&k.meta);
-    inv.arg(cfg.events_max).arg(max).arg(ms(lease)).arg(cfg.aging_ms).arg(MAX_PRIORITY_LEVELS);
+    inv.arg(cfg.events_max).arg(max).arg(millis(lease)).arg(cfg.aging_ms).arg(MAX_PRIORITY_LEVELS);
     let reply = array(run(&inv, conn).await?, "claim")?;
     if reply.is_empty() {
         return Ok(ClaimReply { deadline_ms: 0, tasks: Vec::new() });
@@ -191,7 +187,7 @@ pub(super) async fn renew<C: ConnectionLike>(
     lease: Duration,
 ) -> Result<Vec<bool>> {
     let mut inv = RENEW.prepare_invoke();
-    inv.key(&k.tasks).key(&k.leases).arg(ms(lease)).arg(leases.len());
+    inv.key(&k.tasks).key(&k.leases).arg(millis(lease)).arg(leases.len());
     for (id, token) in leases {
         inv.arg(id.as_bytes().as_slice()).arg(token.0);
     }
@@ -209,8 +205,7 @@ pub(super) async fn complete<C: ConnectionLike>(
     inv.key(&k.tasks).key(&k.leases).key(&k.succeeded).key(&k.events);
     inv.arg(cfg.events_max).arg(items.len());
     for c in items {
-        let result = rmp_serde::to_vec_named(&c.result)
-            .map_err(|e| Error::Invalid(crate::InvalidInput::new("result", e.to_string())))?;
+        let result = c.encoded_result()?;
         inv.arg(c.id.as_bytes().as_slice()).arg(c.token.0).arg(&c.server).arg(result);
     }
     settled(run(&inv, conn).await?, "complete")
@@ -228,7 +223,7 @@ pub(super) async fn fail<C: ConnectionLike>(
     inv.arg(cfg.events_max).arg(items.len());
     for f in items {
         let (disposition, delay) = match f.disposition {
-            Disposition::Retry { delay } => ("retry", ms(delay)),
+            Disposition::Retry { delay } => ("retry", millis(delay)),
             Disposition::Fatal => ("fatal", 0),
             Disposition::Review => ("review", 0),
         };
@@ -248,7 +243,7 @@ pub(super) async fn release<C: ConnectionLike>(
     inv.key(&k.tasks).key(&k.leases).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.events);
     inv.arg(cfg.events_max).arg(items.len());
     for r in items {
-        inv.arg(r.id.as_bytes().as_slice()).arg(r.token.0).arg(ms(r.delay)).arg(&r.reason);
+        inv.arg(r.id.as_bytes().as_slice()).arg(r.token.0).arg(millis(r.delay)).arg(&r.reason);
     }
     settled(run(&inv, conn).await?, "release")
 }

@@ -1,0 +1,785 @@
+//! The embedded store's tables and the two views on them: [`Tx`], the writer's, which keeps
+//! every index and count in step with each record it rewrites, and [`Snapshot`], a reader's.
+//! Every key starts with the queue's name, so a queue is one contiguous range of each table.
+//!
+//! A task sits in exactly one index, chosen by its state, at the place its `slot` (stored beside
+//! the record) names: queued → `ready` (priority level, list position); scheduled, running and
+//! review → `timed` (due time, lease deadline, arrival); finished → `finished` (finish order).
+
+use std::collections::HashMap;
+
+use redb::{
+    ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
+
+use super::storage;
+use crate::error::{Error, Result};
+use crate::event::{Event, EventId, EventKind, RawEntry};
+use crate::store::QueueStats;
+use crate::task::{QueueName, TaskId, TaskState};
+
+type Bytes = &'static [u8];
+type TaskKey = (Bytes, u128);
+type TaskValue = (u64, Bytes);
+type ReadyKey = (Bytes, i64, u64);
+type TimedKey = (Bytes, u8, u64, u128);
+type FinishedKey = (Bytes, u8, u64);
+type MetaKey = (Bytes, u8);
+type IdemKey = (Bytes, Bytes);
+type IdemValue = (u128, Bytes, u64);
+type ExpiryKey = (Bytes, u64, Bytes);
+type EventKey = (Bytes, u64, u64);
+type EntryValue = (Bytes, Bytes, Bytes, Bytes, Bytes);
+
+/// `(queue, id)` → `(slot, record)`; the record is [`crate::record`]'s layout.
+const TASKS: TableDefinition<'_, TaskKey, TaskValue> = TableDefinition::new("tasks");
+/// `(queue, -priority, position)` → id: one list per priority level, highest level first.
+const READY: TableDefinition<'_, ReadyKey, u128> = TableDefinition::new("ready");
+/// `(queue, state code, time, id)` → (): scheduled by due time, running by lease deadline,
+/// review by arrival; ties by id bytes, as in a Redis zset.
+const TIMED: TableDefinition<'_, TimedKey, ()> = TableDefinition::new("timed");
+/// `(queue, state code, sequence)` → id: finished tasks of each state in finish order.
+const FINISHED: TableDefinition<'_, FinishedKey, u128> = TableDefinition::new("finished");
+/// `(queue, field)` → value: counts per state (fields 1..=8, the state codes) and the fields
+/// below.
+const META: TableDefinition<'_, MetaKey, u64> = TableDefinition::new("meta");
+/// `(queue, key)` → `(holder id, body digest, expiry ms)`.
+const IDEM: TableDefinition<'_, IdemKey, IdemValue> = TableDefinition::new("idempotency");
+/// `(queue, expiry ms, key)` → (): idempotency keys by expiry, for sweeping.
+const IDEM_EXPIRY: TableDefinition<'_, ExpiryKey, ()> = TableDefinition::new("idempotency_expiry");
+/// `(queue, ms, seq)` → `(kind code, t, a, s, e)`: one stream entry, fields as in
+/// [`RawEntry`], an empty field standing for an absent one.
+const EVENTS: TableDefinition<'_, EventKey, EntryValue> = TableDefinition::new("events");
+
+const PAUSED: u8 = 16;
+const LAST_EVENT_MS: u8 = 17;
+const LAST_EVENT_SEQ: u8 = 18;
+const EVENT_ENTRIES: u8 = 19;
+
+/// Position of the first task pushed onto an empty ready list; lists grow both ways from it.
+const MIDDLE: u64 = 1 << 63;
+
+/// Most priority levels a claim looks at, as in the Redis store.
+pub(super) const MAX_PRIORITY_LEVELS: usize = 64;
+
+fn key(id: TaskId) -> u128 {
+    u128::from_be_bytes(*id.as_bytes())
+}
+
+fn id_of(k: u128) -> TaskId {
+    // any 16 bytes are a UUID
+    TaskId::from_slice(&k.to_be_bytes()).unwrap_or_default()
+}
+
+fn q(queue: &QueueName) -> &[u8] {
+    queue.as_str().as_bytes()
+}
+
+/// Creates every table, so readers never meet a missing one.
+pub(super) fn create(txn: &WriteTransaction) -> Result<()> {
+    Tx::open(txn).map(drop)
+}
+
+/// An idempotency key as stored.
+pub(super) struct Held {
+    pub(super) holder: TaskId,
+    pub(super) digest: Vec<u8>,
+    pub(super) expires_ms: u64,
+}
+
+/// The event stream state of one queue while a write transaction runs.
+struct Stream {
+    last: (u64, u64),
+    entries: u64,
+    max: u64,
+    appended: bool,
+}
+
+/// The writer's view of one write transaction. Every mutation goes through it and marks the
+/// running operation dirty, so the writer knows whether a failed operation left writes behind.
+pub(super) struct Tx<'t> {
+    tasks: Table<'t, TaskKey, TaskValue>,
+    ready: Table<'t, ReadyKey, u128>,
+    timed: Table<'t, TimedKey, ()>,
+    finished: Table<'t, FinishedKey, u128>,
+    meta: Table<'t, MetaKey, u64>,
+    idem: Table<'t, IdemKey, IdemValue>,
+    idem_expiry: Table<'t, ExpiryKey, ()>,
+    events: Table<'t, EventKey, EntryValue>,
+    /// Count changes per (queue, state) not yet written to `meta`.
+    counts: HashMap<(QueueName, TaskState), i64>,
+    streams: HashMap<QueueName, Stream>,
+    dirty: bool,
+}
+
+impl<'t> Tx<'t> {
+    /// Opens the tables in `txn`.
+    pub(super) fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(Self {
+            tasks: txn.open_table(TASKS).map_err(storage)?,
+            ready: txn.open_table(READY).map_err(storage)?,
+            timed: txn.open_table(TIMED).map_err(storage)?,
+            finished: txn.open_table(FINISHED).map_err(storage)?,
+            meta: txn.open_table(META).map_err(storage)?,
+            idem: txn.open_table(IDEM).map_err(storage)?,
+            idem_expiry: txn.open_table(IDEM_EXPIRY).map_err(storage)?,
+            events: txn.open_table(EVENTS).map_err(storage)?,
+            counts: HashMap::new(),
+            streams: HashMap::new(),
+            dirty: false,
+        })
+    }
+
+    /// Marks the start of an operation.
+    pub(super) fn begin_op(&mut self) {
+        self.dirty = false;
+    }
+
+    /// Whether the running operation has written anything.
+    pub(super) fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// The slot and record of a task.
+    pub(super) fn record(&self, queue: &QueueName, id: TaskId) -> Result<Option<(u64, Vec<u8>)>> {
+        let got = self.tasks.get((q(queue), key(id))).map_err(storage)?;
+        Ok(got.map(|g| {
+            let (slot, raw) = g.value();
+            (slot, raw.to_vec())
+        }))
+    }
+
+    /// Whether a task exists.
+    pub(super) fn exists(&self, queue: &QueueName, id: TaskId) -> Result<bool> {
+        Ok(self.tasks.get((q(queue), key(id))).map_err(storage)?.is_some())
+    }
+
+    /// Writes a task's record and slot.
+    pub(super) fn put(
+        &mut self,
+        queue: &QueueName,
+        id: TaskId,
+        slot: u64,
+        raw: &[u8],
+    ) -> Result<()> {
+        self.dirty = true;
+        self.tasks.insert((q(queue), key(id)), (slot, raw)).map_err(storage)?;
+        Ok(())
+    }
+
+    /// Forgets a task's record (its index entry is the caller's to remove).
+    pub(super) fn forget(&mut self, queue: &QueueName, id: TaskId) -> Result<()> {
+        self.dirty = true;
+        self.tasks.remove((q(queue), key(id))).map_err(storage)?;
+        Ok(())
+    }
+
+    fn count_delta(&mut self, queue: &QueueName, state: TaskState, delta: i64) {
+        *self.counts.entry((queue.clone(), state)).or_default() += delta;
+    }
+
+    /// The number of tasks of `queue` in `state`, this transaction's changes included.
+    pub(super) fn count(&self, queue: &QueueName, state: TaskState) -> Result<u64> {
+        let stored =
+            self.meta.get((q(queue), state.code())).map_err(storage)?.map_or(0, |g| g.value());
+        let delta = self.counts.get(&(queue.clone(), state)).copied().unwrap_or(0);
+        Ok(stored.saturating_add_signed(delta))
+    }
+
+    /// Takes a task out of the index of `state` (where `slot` placed it).
+    pub(super) fn unindex(
+        &mut self,
+        queue: &QueueName,
+        id: TaskId,
+        state: TaskState,
+        priority: i32,
+        slot: u64,
+    ) -> Result<()> {
+        self.dirty = true;
+        let qb = q(queue);
+        match state {
+            TaskState::Queued => {
+                self.ready.remove((qb, -i64::from(priority), slot)).map_err(storage)?;
+            }
+            TaskState::Scheduled | TaskState::Running | TaskState::Review => {
+                self.timed.remove((qb, state.code(), slot, key(id))).map_err(storage)?;
+            }
+            TaskState::Succeeded | TaskState::Failed | TaskState::Dead | TaskState::Cancelled => {
+                self.finished.remove((qb, state.code(), slot)).map_err(storage)?;
+            }
+        }
+        self.count_delta(queue, state, -1);
+        Ok(())
+    }
+
+    /// Puts a task in the index of a timed state (scheduled, running, review) at `time`;
+    /// answers its slot.
+    pub(super) fn index_timed(
+        &mut self,
+        queue: &QueueName,
+        id: TaskId,
+        state: TaskState,
+        time: u64,
+    ) -> Result<u64> {
+        self.dirty = true;
+        self.timed.insert((q(queue), state.code(), time, key(id)), ()).map_err(storage)?;
+        self.count_delta(queue, state, 1);
+        Ok(time)
+    }
+
+    /// The last sequence number of a finished list.
+    fn finished_last(&self, qb: &[u8], code: u8) -> Result<Option<u64>> {
+        let last =
+            self.finished.range((qb, code, 0)..=(qb, code, u64::MAX)).map_err(storage)?.next_back();
+        last.map(|e| e.map(|(k, _)| k.value().2).map_err(storage)).transpose()
+    }
+
+    /// The first or last position of a ready list.
+    fn ready_edge(&self, qb: &[u8], level: i64, last: bool) -> Result<Option<u64>> {
+        let mut range =
+            self.ready.range((qb, level, 0)..=(qb, level, u64::MAX)).map_err(storage)?;
+        let edge = if last { range.next_back() } else { range.next() };
+        edge.map(|e| e.map(|(k, _)| k.value().2).map_err(storage)).transpose()
+    }
+
+    /// Appends a task to the finish-ordered list of a finished state; answers its slot.
+    pub(super) fn index_finished(
+        &mut self,
+        queue: &QueueName,
+        id: TaskId,
+        state: TaskState,
+    ) -> Result<u64> {
+        self.dirty = true;
+        let (qb, code) = (q(queue), state.code());
+        let seq = self.finished_last(qb, code)?.map_or(0, |last| last.saturating_add(1));
+        self.finished.insert((qb, code, seq), key(id)).map_err(storage)?;
+        self.count_delta(queue, state, 1);
+        Ok(seq)
+    }
+
+    /// Appends a task to the tail of its ready list; answers its slot.
+    pub(super) fn push_tail(
+        &mut self,
+        queue: &QueueName,
+        id: TaskId,
+        priority: i32,
+    ) -> Result<u64> {
+        self.dirty = true;
+        let (qb, level) = (q(queue), -i64::from(priority));
+        let pos = self.ready_edge(qb, level, true)?.map_or(MIDDLE, |last| last.saturating_add(1));
+        self.ready.insert((qb, level, pos), key(id)).map_err(storage)?;
+        self.count_delta(queue, TaskState::Queued, 1);
+        Ok(pos)
+    }
+
+    /// Puts a block of tasks of one priority at the head of their ready list, in the block's
+    /// order, and writes their records.
+    pub(super) fn push_front(
+        &mut self,
+        queue: &QueueName,
+        priority: i32,
+        block: &[(TaskId, Vec<u8>)],
+    ) -> Result<()> {
+        self.dirty = true;
+        let (qb, level) = (q(queue), -i64::from(priority));
+        let head = self.ready_edge(qb, level, false)?.unwrap_or(MIDDLE);
+        let start = head.saturating_sub(block.len() as u64);
+        for (i, (id, raw)) in block.iter().enumerate() {
+            let pos = start + i as u64;
+            self.ready.insert((qb, level, pos), key(*id)).map_err(storage)?;
+            self.put(queue, *id, pos, raw)?;
+        }
+        self.count_delta(queue, TaskState::Queued, block.len() as i64);
+        Ok(())
+    }
+
+    /// The highest priority levels with queued tasks, highest first, at most `max`.
+    pub(super) fn ready_levels(&self, queue: &QueueName, max: usize) -> Result<Vec<i32>> {
+        let qb = q(queue);
+        let mut levels = Vec::new();
+        let mut from = i64::MIN;
+        // one seek per level: the first key at or past the next possible level
+        while levels.len() < max {
+            let Some(entry) =
+                self.ready.range((qb, from, 0)..=(qb, i64::MAX, u64::MAX)).map_err(storage)?.next()
+            else {
+                break;
+            };
+            let level = entry.map_err(storage)?.0.value().1;
+            // levels are negated i32 priorities
+            levels.push(
+                i32::try_from(-level)
+                    .map_err(|_| Error::Corrupt(format!("ready level {level}")))?,
+            );
+            match level.checked_add(1) {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        Ok(levels)
+    }
+
+    /// The first `n` tasks of a ready list: (position, id).
+    pub(super) fn ready_head(
+        &self,
+        queue: &QueueName,
+        priority: i32,
+        n: usize,
+    ) -> Result<Vec<(u64, TaskId)>> {
+        let (qb, level) = (q(queue), -i64::from(priority));
+        self.ready
+            .range((qb, level, 0)..=(qb, level, u64::MAX))
+            .map_err(storage)?
+            .take(n)
+            .map(|e| {
+                let (k, v) = e.map_err(storage)?;
+                Ok((k.value().2, id_of(v.value())))
+            })
+            .collect()
+    }
+
+    /// Up to `n` tasks of a timed state whose time is at most `until`, earliest first:
+    /// (time, id).
+    pub(super) fn timed_due(
+        &self,
+        queue: &QueueName,
+        state: TaskState,
+        until: u64,
+        n: usize,
+    ) -> Result<Vec<(u64, TaskId)>> {
+        let (qb, code) = (q(queue), state.code());
+        self.timed
+            .range((qb, code, 0, 0)..=(qb, code, until, u128::MAX))
+            .map_err(storage)?
+            .take(n)
+            .map(|e| {
+                let (k, _) = e.map_err(storage)?;
+                let (_, _, time, id) = k.value();
+                Ok((time, id_of(id)))
+            })
+            .collect()
+    }
+
+    /// The oldest `n` tasks of a finished state: (sequence, id).
+    pub(super) fn finished_head(
+        &self,
+        queue: &QueueName,
+        state: TaskState,
+        n: usize,
+    ) -> Result<Vec<(u64, TaskId)>> {
+        let (qb, code) = (q(queue), state.code());
+        self.finished
+            .range((qb, code, 0)..=(qb, code, u64::MAX))
+            .map_err(storage)?
+            .take(n)
+            .map(|e| {
+                let (k, v) = e.map_err(storage)?;
+                Ok((k.value().2, id_of(v.value())))
+            })
+            .collect()
+    }
+
+    /// Whether claims are paused.
+    pub(super) fn paused(&self, queue: &QueueName) -> Result<bool> {
+        Ok(self.meta.get((q(queue), PAUSED)).map_err(storage)?.is_some_and(|g| g.value() == 1))
+    }
+
+    /// Pauses or resumes claims.
+    pub(super) fn set_paused(&mut self, queue: &QueueName, paused: bool) -> Result<()> {
+        self.dirty = true;
+        if paused {
+            self.meta.insert((q(queue), PAUSED), 1).map_err(storage)?;
+        } else {
+            self.meta.remove((q(queue), PAUSED)).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// An idempotency key as stored (expired or not).
+    pub(super) fn idempotency(&self, queue: &QueueName, k: &str) -> Result<Option<Held>> {
+        let got = self.idem.get((q(queue), k.as_bytes())).map_err(storage)?;
+        Ok(got.map(|g| {
+            let (holder, digest, expires_ms) = g.value();
+            Held { holder: id_of(holder), digest: digest.to_vec(), expires_ms }
+        }))
+    }
+
+    /// Sets an idempotency key, replacing an expired one.
+    pub(super) fn set_idempotency(
+        &mut self,
+        queue: &QueueName,
+        k: &str,
+        held: &Held,
+    ) -> Result<()> {
+        self.dirty = true;
+        let qb = q(queue);
+        let old = self
+            .idem
+            .insert((qb, k.as_bytes()), (key(held.holder), held.digest.as_slice(), held.expires_ms))
+            .map_err(storage)?
+            .map(|g| g.value().2);
+        if let Some(expired) = old {
+            self.idem_expiry.remove((qb, expired, k.as_bytes())).map_err(storage)?;
+        }
+        self.idem_expiry.insert((qb, held.expires_ms, k.as_bytes()), ()).map_err(storage)?;
+        Ok(())
+    }
+
+    /// Forgets up to `max` idempotency keys that expired by `now`; answers how many.
+    pub(super) fn sweep_idempotency(
+        &mut self,
+        queue: &QueueName,
+        now: u64,
+        max: usize,
+    ) -> Result<usize> {
+        let qb = q(queue);
+        let expired: Vec<(u64, Vec<u8>)> = self
+            .idem_expiry
+            .range((qb, 0, &[][..])..(qb, now, &[][..]))
+            .map_err(storage)?
+            .take(max)
+            .map(|e| {
+                let (k, _) = e.map_err(storage)?;
+                let (_, at, name) = k.value();
+                Ok((at, name.to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        if !expired.is_empty() {
+            self.dirty = true;
+        }
+        for (at, name) in &expired {
+            self.idem_expiry.remove((qb, *at, name.as_slice())).map_err(storage)?;
+            self.idem.remove((qb, name.as_slice())).map_err(storage)?;
+        }
+        Ok(expired.len())
+    }
+
+    fn stream(&mut self, queue: &QueueName, max: u64) -> Result<&mut Stream> {
+        if !self.streams.contains_key(queue) {
+            let get = |field| -> Result<u64> {
+                Ok(self.meta.get((q(queue), field)).map_err(storage)?.map_or(0, |g| g.value()))
+            };
+            let stream = Stream {
+                last: (get(LAST_EVENT_MS)?, get(LAST_EVENT_SEQ)?),
+                entries: get(EVENT_ENTRIES)?,
+                max,
+                appended: false,
+            };
+            self.streams.insert(queue.clone(), stream);
+        }
+        // inserted just above when missing
+        self.streams.get_mut(queue).ok_or_else(|| Error::Corrupt("stream state lost".into()))
+    }
+
+    /// Appends one stream entry at store time `now`; answers its id (as Redis streams number
+    /// entries: the time, or the last id's time with the next sequence when the clock has not
+    /// moved past it, so ids only grow). `events_max` bounds the entries kept.
+    pub(super) fn append(
+        &mut self,
+        queue: &QueueName,
+        now: u64,
+        events_max: u64,
+        entry: &EntryFields,
+    ) -> Result<(u64, u64)> {
+        self.dirty = true;
+        let stream = self.stream(queue, events_max)?;
+        let id = if now > stream.last.0 { (now, 0) } else { (stream.last.0, stream.last.1 + 1) };
+        stream.last = id;
+        stream.entries += 1;
+        stream.appended = true;
+        let value = (
+            entry.kind,
+            entry.tasks.as_slice(),
+            entry.a.as_slice(),
+            entry.s.as_slice(),
+            entry.e.as_slice(),
+        );
+        self.events.insert((q(queue), id.0, id.1), value).map_err(storage)?;
+        Ok(id)
+    }
+
+    /// Writes the counts and stream states and trims each stream that grew to its limit;
+    /// answers the queues that have new events.
+    pub(super) fn finish(mut self) -> Result<Vec<QueueName>> {
+        for ((queue, state), delta) in std::mem::take(&mut self.counts) {
+            if delta != 0 {
+                let n = self.count(&queue, state)?.saturating_add_signed(delta);
+                self.meta.insert((q(&queue), state.code()), n).map_err(storage)?;
+            }
+        }
+        let mut woken = Vec::new();
+        for (queue, mut stream) in std::mem::take(&mut self.streams) {
+            if !stream.appended {
+                continue;
+            }
+            let qb = q(&queue);
+            if stream.entries > stream.max {
+                let excess = stream.entries - stream.max;
+                let mut gone = 0;
+                for e in self
+                    .events
+                    .extract_from_if((qb, 0, 0)..=(qb, u64::MAX, u64::MAX), |_, _| true)
+                    .map_err(storage)?
+                    .take(usize::try_from(excess).unwrap_or(usize::MAX))
+                {
+                    e.map_err(storage)?;
+                    gone += 1;
+                }
+                stream.entries -= gone;
+            }
+            self.meta.insert((qb, LAST_EVENT_MS), stream.last.0).map_err(storage)?;
+            self.meta.insert((qb, LAST_EVENT_SEQ), stream.last.1).map_err(storage)?;
+            self.meta.insert((qb, EVENT_ENTRIES), stream.entries).map_err(storage)?;
+            woken.push(queue);
+        }
+        Ok(woken)
+    }
+}
+
+/// The fields of one stream entry, encoded (see [`RawEntry`]); empty where absent.
+pub(super) struct EntryFields {
+    pub(super) kind: &'static [u8],
+    pub(super) tasks: Vec<u8>,
+    pub(super) a: Vec<u8>,
+    pub(super) s: Vec<u8>,
+    pub(super) e: Vec<u8>,
+}
+
+fn some(b: &[u8]) -> Option<&[u8]> {
+    (!b.is_empty()).then_some(b)
+}
+
+/// A reader's consistent view of the store.
+pub(super) struct Snapshot {
+    tasks: ReadOnlyTable<TaskKey, TaskValue>,
+    ready: ReadOnlyTable<ReadyKey, u128>,
+    timed: ReadOnlyTable<TimedKey, ()>,
+    finished: ReadOnlyTable<FinishedKey, u128>,
+    meta: ReadOnlyTable<MetaKey, u64>,
+    events: ReadOnlyTable<EventKey, EntryValue>,
+}
+
+impl Snapshot {
+    /// Opens the tables in `txn`.
+    pub(super) fn open(txn: &ReadTransaction) -> Result<Self> {
+        Ok(Self {
+            tasks: txn.open_table(TASKS).map_err(storage)?,
+            ready: txn.open_table(READY).map_err(storage)?,
+            timed: txn.open_table(TIMED).map_err(storage)?,
+            finished: txn.open_table(FINISHED).map_err(storage)?,
+            meta: txn.open_table(META).map_err(storage)?,
+            events: txn.open_table(EVENTS).map_err(storage)?,
+        })
+    }
+
+    /// The record of a task.
+    pub(super) fn record(&self, queue: &QueueName, id: TaskId) -> Result<Option<Vec<u8>>> {
+        let got = self.tasks.get((q(queue), key(id))).map_err(storage)?;
+        Ok(got.map(|g| g.value().1.to_vec()))
+    }
+
+    /// Up to `limit` ids of tasks in `state` after skipping `skip`, in the state's listing
+    /// order: queued in claim order (strict priority), timed states by time, finished states
+    /// newest first. Paging by offset walks the skipped entries.
+    pub(super) fn list_ids(
+        &self,
+        queue: &QueueName,
+        state: TaskState,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<TaskId>> {
+        let (qb, code) = (q(queue), state.code());
+        let ids: Vec<u128> = match state {
+            TaskState::Queued => self
+                .ready
+                .range((qb, i64::MIN, 0)..=(qb, i64::MAX, u64::MAX))
+                .map_err(storage)?
+                .skip(skip)
+                .take(limit)
+                .map(|e| Ok(e.map_err(storage)?.1.value()))
+                .collect::<Result<_>>()?,
+            TaskState::Scheduled | TaskState::Running | TaskState::Review => self
+                .timed
+                .range((qb, code, 0, 0)..=(qb, code, u64::MAX, u128::MAX))
+                .map_err(storage)?
+                .skip(skip)
+                .take(limit)
+                .map(|e| Ok(e.map_err(storage)?.0.value().3))
+                .collect::<Result<_>>()?,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Dead | TaskState::Cancelled => {
+                self.finished
+                    .range((qb, code, 0)..=(qb, code, u64::MAX))
+                    .map_err(storage)?
+                    .rev()
+                    .skip(skip)
+                    .take(limit)
+                    .map(|e| Ok(e.map_err(storage)?.1.value()))
+                    .collect::<Result<_>>()?
+            }
+        };
+        Ok(ids.into_iter().map(id_of).collect())
+    }
+
+    /// Counts per state.
+    pub(super) fn stats(&self, queue: &QueueName) -> Result<QueueStats> {
+        let get = |field: u8| -> Result<u64> {
+            Ok(self.meta.get((q(queue), field)).map_err(storage)?.map_or(0, |g| g.value()))
+        };
+        Ok(QueueStats {
+            queued: get(TaskState::Queued.code())?,
+            scheduled: get(TaskState::Scheduled.code())?,
+            running: get(TaskState::Running.code())?,
+            review: get(TaskState::Review.code())?,
+            succeeded: get(TaskState::Succeeded.code())?,
+            failed: get(TaskState::Failed.code())?,
+            dead: get(TaskState::Dead.code())?,
+            cancelled: get(TaskState::Cancelled.code())?,
+            paused: get(PAUSED)? == 1,
+        })
+    }
+
+    /// Up to `max` events after `after` (from the oldest retained when `None`).
+    pub(super) fn events(
+        &self,
+        queue: &QueueName,
+        after: Option<EventId>,
+        max: usize,
+    ) -> Result<Vec<Event>> {
+        let qb = q(queue);
+        // the entry holding `after` may have events past it: start from it, inclusively
+        let (ms, seq) = after.map_or((0, 0), |a| (a.ms, a.seq));
+        let mut out = Vec::new();
+        for entry in self.events.range((qb, ms, seq)..=(qb, u64::MAX, u64::MAX)).map_err(storage)? {
+            let (k, v) = entry.map_err(storage)?;
+            for e in expand(queue, k.value(), v.value())? {
+                if after.is_none_or(|a| e.id > a) {
+                    out.push(e);
+                    if out.len() == max {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The id of the newest retained event.
+    pub(super) fn last_event_id(&self, queue: &QueueName) -> Result<Option<EventId>> {
+        let qb = q(queue);
+        let last =
+            self.events.range((qb, 0, 0)..=(qb, u64::MAX, u64::MAX)).map_err(storage)?.next_back();
+        match last {
+            Some(entry) => {
+                let (k, v) = entry.map_err(storage)?;
+                Ok(expand(queue, k.value(), v.value())?.last().map(|e| e.id))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn expand(
+    queue: &QueueName,
+    (_, ms, seq): (&[u8], u64, u64),
+    (kind, tasks, a, s, e): <EntryValue as redb::Value>::SelfType<'_>,
+) -> Result<Vec<Event>> {
+    RawEntry {
+        ms,
+        seq,
+        kind,
+        tasks: some(tasks),
+        attempts: some(a),
+        servers: some(s),
+        errors: some(e),
+    }
+    .events(queue)
+}
+
+/// Collects the events of one operation and appends them as one stream entry per kind, in the
+/// order each kind first appears (the Lua prelude's `events`): the i-th task of an entry gets
+/// index i. A field is written when any of its tasks carries it.
+#[derive(Default)]
+pub(super) struct Events {
+    entries: Vec<Pending>,
+}
+
+struct Pending {
+    kind: EventKind,
+    ids: Vec<u8>,
+    a: Vec<u16>,
+    s: Vec<String>,
+    e: Vec<String>,
+    has_a: bool,
+    has_s: bool,
+    has_e: bool,
+}
+
+impl Events {
+    /// Records one event.
+    pub(super) fn add(
+        &mut self,
+        kind: EventKind,
+        id: Option<TaskId>,
+        attempt: Option<u16>,
+        server: Option<&str>,
+        error: Option<&str>,
+    ) {
+        let i = match self.entries.iter().position(|p| p.kind == kind) {
+            Some(i) => i,
+            None => {
+                self.entries.push(Pending {
+                    kind,
+                    ids: Vec::new(),
+                    a: Vec::new(),
+                    s: Vec::new(),
+                    e: Vec::new(),
+                    has_a: false,
+                    has_s: false,
+                    has_e: false,
+                });
+                self.entries.len() - 1
+            }
+        };
+        let p = &mut self.entries[i];
+        if let Some(id) = id {
+            p.ids.extend_from_slice(id.as_bytes());
+        }
+        p.a.push(attempt.unwrap_or(0));
+        p.s.push(server.unwrap_or_default().to_owned());
+        p.e.push(error.unwrap_or_default().to_owned());
+        p.has_a |= attempt.is_some();
+        p.has_s |= server.is_some();
+        p.has_e |= error.is_some();
+    }
+
+    /// Appends the entries; answers the id of the first one's first event, if any.
+    pub(super) fn flush(
+        self,
+        tx: &mut Tx<'_>,
+        queue: &QueueName,
+        now: u64,
+        events_max: u64,
+    ) -> Result<Option<EventId>> {
+        let mut first = None;
+        for p in self.entries {
+            let fields = EntryFields {
+                kind: p.kind.code().as_bytes(),
+                tasks: p.ids,
+                a: pack(p.has_a, &p.a)?,
+                s: pack(p.has_s, &p.s)?,
+                e: pack(p.has_e, &p.e)?,
+            };
+            let (ms, seq) = tx.append(queue, now, events_max, &fields)?;
+            first.get_or_insert(EventId { ms, seq, index: 0 });
+        }
+        Ok(first)
+    }
+}
+
+/// A per-task event field as a MessagePack array; empty when no task carries it.
+fn pack<T: serde::Serialize>(has: bool, items: &[T]) -> Result<Vec<u8>> {
+    if !has {
+        return Ok(Vec::new());
+    }
+    rmp_serde::to_vec(items).map_err(|e| Error::Corrupt(format!("event field: {e}")))
+}
