@@ -355,7 +355,10 @@ async fn tokens_guard_everything_but_health_and_the_document() -> anyhow::Result
 async fn metrics_count_tasks_by_queue_and_state() -> anyhow::Result<()> {
     let api = api().await?;
     for _ in 0..3 {
-        api.call("POST", "/v1/tasks", Some(json!({"call": {"tool": "a"}, "queue": "bulk"}))).await;
+        let (s, v) = api
+            .call("POST", "/v1/tasks", Some(json!({"call": {"tool": "a"}, "queue": "bulk"})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
     }
     let (s, v) = api.call("GET", "/metrics", None).await;
     assert_eq!(s, StatusCode::OK);
@@ -363,5 +366,109 @@ async fn metrics_count_tasks_by_queue_and_state() -> anyhow::Result<()> {
     assert!(text.contains("mcpq_tasks{queue=\"bulk\",state=\"queued\"} 3"), "{text}");
     assert!(text.contains("mcpq_tasks{queue=\"default\",state=\"queued\"} 0"), "{text}");
     assert!(text.contains("# TYPE mcpq_queue_paused gauge"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_documented_route_is_served() -> anyhow::Result<()> {
+    let api = api().await?;
+    let id = uuid::Uuid::now_v7().to_string();
+    for (path, methods) in mcpq::api::routes() {
+        let uri = path.replace("{id}", &id).replace("{queue}", "default").replace("{name}", "x");
+        for m in *methods {
+            let req = Request::builder()
+                .method(m.to_uppercase().as_str())
+                .uri(&uri)
+                .body(Body::empty())?;
+            // the event stream never ends: look at the status only
+            let resp = api.router.clone().oneshot(req).await?;
+            let status = resp.status();
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{m} {uri}");
+            if status == StatusCode::NOT_FOUND {
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await?;
+                let v: Value = serde_json::from_slice(&body)?;
+                assert!(
+                    !v["error"]["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .starts_with("no such route"),
+                    "{m} {uri}: {v}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn odd_but_valid_and_subtly_bad_requests() -> anyhow::Result<()> {
+    let api = api_with(ApiConfig { tokens: vec!["secret-token-2".into()], ..ApiConfig::default() })
+        .await?;
+    let post = |uri: &str, headers: &[(&str, &str)], body: Value| {
+        let mut b = Request::builder().method("POST").uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::from(body.to_string())).expect("request")
+    };
+    let task = json!({"call": {"tool": "a"}});
+    let auth = ("authorization", "bearer secret-token-2");
+    let json_ct = ("content-type", "Application/JSON; charset=utf-8");
+    let (s, v) = api.send(post("/v1/tasks", &[auth, json_ct], task.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "a lowercase scheme and a cased media type are fine: {v}");
+    bad(
+        api.send(post("/v1/tasks", &[auth, ("content-type", "application/jsonx")], task.clone()))
+            .await,
+        415,
+        Some("Content-Type"),
+        "media type",
+    );
+    bad(
+        api.send(post("/v1/tasks?queue=bulk", &[auth], task.clone())).await,
+        422,
+        Some("queue"),
+        "query on POST",
+    );
+    bad(
+        api.send(post(
+            "/v1/tasks",
+            &[auth, ("idempotency-key", "k1"), ("idempotency-key", "k2")],
+            task.clone(),
+        ))
+        .await,
+        422,
+        Some("Idempotency-Key"),
+        "two keys",
+    );
+    bad(
+        api.send(post(
+            "/v1/tasks",
+            &[auth],
+            json!({"call": {"tool": "a"}, "delay_ms": 5000, "expires_ms": 1000}),
+        ))
+        .await,
+        422,
+        Some("expires_ms"),
+        "expires before it may start",
+    );
+    let get = |uri: &str| {
+        Request::builder()
+            .uri(uri)
+            .header("authorization", "Bearer secret-token-2")
+            .body(Body::empty())
+            .expect("request")
+    };
+    bad(
+        api.send(get("/v1/tasks?cursor=9223372036854775807")).await,
+        422,
+        Some("cursor"),
+        "huge cursor",
+    );
+    bad(api.send(get("/v1/events?from=now&after=1-0")).await, 422, Some("from"), "from and after");
+    // unknown routes and methods answer 401 like any other without a token
+    let anon = Request::builder().method("PUT").uri("/v1/tasks").body(Body::empty())?;
+    bad(api.send(anon).await, 401, Some("Authorization"), "PUT without a token");
+    let anon = Request::builder().uri("/v1/secret").body(Body::empty())?;
+    bad(api.send(anon).await, 401, Some("Authorization"), "unknown route without a token");
     Ok(())
 }

@@ -10,6 +10,8 @@ mod openapi;
 mod tasks;
 pub mod wire;
 
+pub use events::OPEN_EVENT;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -35,6 +37,8 @@ pub struct ApiState<S> {
     cfg: Arc<ApiConfig>,
     /// Cancelled at shutdown: open event streams and waits end, so the server can stop.
     closing: CancellationToken,
+    /// Open event streams and waits: each holds a store connection for its blocking reads.
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S: Clone> Clone for ApiState<S> {
@@ -46,6 +50,7 @@ impl<S: Clone> Clone for ApiState<S> {
             fleet: self.fleet.clone(),
             cfg: self.cfg.clone(),
             closing: self.closing.clone(),
+            streams: self.streams.clone(),
         }
     }
 }
@@ -61,7 +66,30 @@ impl<S: Store> ApiState<S> {
         cfg: ApiConfig,
         closing: CancellationToken,
     ) -> Self {
-        Self { store, queues: queues.into(), queue_cfg, fleet, cfg: Arc::new(cfg), closing }
+        let streams = Arc::new(tokio::sync::Semaphore::new(cfg.max_streams));
+        Self {
+            store,
+            queues: queues.into(),
+            queue_cfg,
+            fleet,
+            cfg: Arc::new(cfg),
+            closing,
+            streams,
+        }
+    }
+
+    /// A slot for a long request (an event stream or a wait), or 503 when all are taken.
+    fn stream_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                format!(
+                    "{} event streams and waits are open (api.max_streams); retry shortly",
+                    self.cfg.max_streams
+                ),
+            )
+        })
     }
 
     /// The queue named by `name` (absent: `default`), if this replica serves it.
@@ -107,29 +135,40 @@ pub fn router<S: Store>(state: ApiState<S>) -> Router {
         .route("/v1/servers/{name}", axum::routing::delete(tasks::remove_server::<S>))
         .route("/v1/events", get(events::stream::<S>))
         .route("/metrics", get(metrics::render::<S>))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::<S>));
-    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
         .route("/v1/openapi.json", get(openapi::document))
-        .merge(protected)
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .method_not_allowed_fallback(method_not_allowed);
+    // the outermost layer, so unknown routes and methods are not told apart without a token
+    protected.layer(middleware::from_fn_with_state(state.clone(), auth::<S>)).with_state(state)
 }
 
+/// Every route the API serves, with its methods (lowercase), as `/v1/openapi.json` describes
+/// them.
+pub fn routes() -> &'static [(&'static str, &'static [&'static str])] {
+    openapi::ROUTES
+}
+
+/// Routes anyone may call: probes and the API's description.
+const OPEN: &[&str] = &["/healthz", "/readyz", "/v1/openapi.json"];
+
 async fn auth<S: Store>(State(st): State<ApiState<S>>, req: Request, next: Next) -> Response {
-    if st.cfg.tokens.is_empty() {
+    if st.cfg.tokens.is_empty() || OPEN.contains(&req.uri().path()) {
         return next.run(req).await;
     }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok =
-        presented.is_some_and(|p| st.cfg.tokens.iter().any(|t| same(t.as_bytes(), p.as_bytes())));
+        .and_then(|v| v.split_once(' '))
+        // the scheme is case-insensitive (RFC 9110 §11.1)
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    // every token is compared, so the time taken does not say which one matched
+    let ok = presented.is_some_and(|p| {
+        st.cfg.tokens.iter().fold(false, |hit, t| same(t.as_bytes(), p.as_bytes()) | hit)
+    });
     if ok {
         return next.run(req).await;
     }
@@ -145,7 +184,7 @@ async fn auth<S: Store>(State(st): State<ApiState<S>>, req: Request, next: Next)
 }
 
 /// Compares in time independent of where the inputs differ, so a token cannot be guessed
-/// byte by byte from response times.
+/// byte by byte from response times (its length can be: tokens are 8 to 256 characters).
 fn same(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -287,7 +326,10 @@ impl<S: Store, T: DeserializeOwned> FromRequest<ApiState<S>> for JsonBody<T> {
             return Err(too_large());
         }
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
-            && !ct.to_str().is_ok_and(|c| c.starts_with("application/json"))
+            && !ct.to_str().is_ok_and(|c| {
+                let media = c.split(';').next().unwrap_or_default().trim();
+                media.eq_ignore_ascii_case("application/json")
+            })
         {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

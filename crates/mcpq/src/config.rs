@@ -45,6 +45,10 @@ impl From<mcpq_queue::InvalidInput> for Error {
     }
 }
 
+/// `MCPQ_*` variables that are not configuration keys: the log filter, and the CLI's API URL
+/// and token (a shell that exports them for the CLI must still be able to run `serve`).
+const NOT_KEYS: &[&str] = &["MCPQ_LOG", "MCPQ_API", "MCPQ_TOKEN"];
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -82,10 +86,10 @@ impl Config {
             // MCPQ_API__TOKENS=a,b: several tokens in one variable
             .list_separator(",")
             .with_list_parse_key("api.tokens")
-            // MCPQ_LOG is the log filter, not a configuration key
+            // the log filter and the CLI's own variables are not configuration keys
             .source(Some(
                 env.iter()
-                    .filter(|(k, _)| *k != "MCPQ_LOG")
+                    .filter(|(k, _)| !NOT_KEYS.contains(&k.as_str()))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             ));
@@ -177,6 +181,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Most tasks in one `POST /v1/tasks/batch`.
     pub max_batch: usize,
+    /// Most event streams and waits open at once (each holds a store connection).
+    pub max_streams: usize,
 }
 
 impl Default for ApiConfig {
@@ -186,6 +192,7 @@ impl Default for ApiConfig {
             tokens: Vec::new(),
             max_body_bytes: 8 * 1024 * 1024,
             max_batch: 10_000,
+            max_streams: 256,
         }
     }
 }
@@ -230,6 +237,12 @@ impl ApiConfig {
                 format!("{} is out of range 1024..=1073741824", self.max_body_bytes),
             ));
         }
+        if !(1..=10_000).contains(&self.max_streams) {
+            return Err(invalid(
+                "api.max_streams",
+                format!("{} is out of range 1..=10000", self.max_streams),
+            ));
+        }
         if !(1..=100_000).contains(&self.max_batch) {
             return Err(invalid(
                 "api.max_batch",
@@ -267,6 +280,9 @@ mod tests {
             ("MCPQ_STORE__REDIS_URL".to_owned(), "redis://127.0.0.1:2/".to_owned()),
             ("MCPQ_QUEUES__MAIL__MAX_ATTEMPTS".to_owned(), "9".to_owned()),
             ("UNRELATED".to_owned(), "x".to_owned()),
+            ("MCPQ_LOG".to_owned(), "debug".to_owned()),
+            ("MCPQ_API".to_owned(), "http://127.0.0.1:7601".to_owned()),
+            ("MCPQ_TOKEN".to_owned(), "for-the-cli".to_owned()),
         ]);
         let cfg = Config::load(Some(&path), &env).unwrap();
         assert_eq!(cfg.store.redis_url.as_deref(), Some("redis://127.0.0.1:2/"));

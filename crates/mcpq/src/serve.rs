@@ -9,7 +9,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result, bail};
 use mcpq_fleet::{DrainReport, Fleet, FleetConfig};
-use mcpq_queue::{RedisStore, Store};
+use mcpq_queue::{EmbeddedStore, RedisStore, Store};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -33,10 +33,18 @@ pub async fn run(
             }
             run_on(store, format!("redis {}", redacted(&url)), cfg, listener, shutdown).await
         }
-        None => bail!(
-            "store.redis_url: not set; this build serves from Redis only (the embedded store \
-             is not available yet), so set store.redis_url or MCPQ_STORE__REDIS_URL"
-        ),
+        None => {
+            let path = cfg.store.path.clone();
+            let (store_cfg, queues) = (cfg.store.clone(), cfg.queue_configs());
+            // opening checks the file after a crash: blocking work
+            let store =
+                tokio::task::spawn_blocking(move || EmbeddedStore::open(&store_cfg, queues))
+                    .await?
+                    .with_context(|| {
+                        format!("cannot open the embedded store in {}", path.display())
+                    })?;
+            run_on(store, format!("embedded {}", path.display()), cfg, listener, shutdown).await
+        }
     }
 }
 
@@ -68,7 +76,7 @@ pub async fn run_on<S: Store>(
         closing.clone(),
     );
     let addr = listener.local_addr().context("the API listener has no address")?;
-    let api = {
+    let mut api = {
         let closing = closing.clone();
         tokio::spawn(async move {
             axum::serve(listener, router(state))
@@ -77,27 +85,40 @@ pub async fn run_on<S: Store>(
         })
     };
     let names: Vec<&str> = queues.iter().map(|q| q.as_str()).collect();
+    // the ready line: scripts and tests wait for it
+    let ready = format!(
+        "mcpq serving node={node} queues={} servers={} api=http://{addr} store={store_name}",
+        names.join(","),
+        cfg.servers.len()
+    );
     {
-        // the ready line: scripts and tests wait for it
         let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "mcpq serving node={node} queues={} servers={} api=http://{addr} store={store_name}",
-            names.join(","),
-            cfg.servers.len()
-        )?;
-        out.flush()?;
+        if let Err(e) = writeln!(out, "{ready}").and_then(|()| out.flush()) {
+            tracing::warn!(error = %e, "cannot print the ready line; serving anyway");
+        }
     }
-    let stopped_alone = tokio::select! {
-        _ = shutdown => false,
-        _ = fleet.stopped() => true,
+    tracing::info!("{ready}");
+    let why = tokio::select! {
+        _ = shutdown => None,
+        _ = fleet.stopped() => Some("the fleet stopped: an essential actor kept failing (see the log)"),
+        r = &mut api => {
+            tracing::error!(result = ?r, "the API server stopped");
+            Some("the API server stopped (see the log)")
+        }
     };
     closing.cancel();
-    if let Ok(Err(e)) = api.await {
-        tracing::warn!(error = %e, "the API server ended with an error");
+    if !api.is_finished() {
+        match api.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the API server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "the API server task failed"),
+            Ok(Ok(())) => {}
+        }
     }
-    if stopped_alone {
-        bail!("the fleet stopped: an essential actor kept failing (see the log)");
+    if let Some(why) = why {
+        // hand back what this replica holds before giving up
+        let report = fleet.shutdown().await;
+        tracing::info!(?report, "drained after a failure");
+        bail!("{why}");
     }
     tracing::info!(%node, "shutting down");
     let report = fleet.shutdown().await?;

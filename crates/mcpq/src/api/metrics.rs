@@ -10,12 +10,15 @@ use axum::response::IntoResponse;
 use mcpq_fleet::{HistogramSnapshot, LATENCY_BUCKETS};
 use mcpq_queue::{Store, TaskState};
 
+use super::tasks::{Params, QueryResult};
 use super::wire::health_name;
 use super::{ApiError, ApiState};
 
 pub(super) async fn render<S: Store>(
     State(st): State<ApiState<S>>,
+    q: QueryResult,
 ) -> Result<impl IntoResponse, ApiError> {
+    Params::parse(q, &[])?;
     let mut out = String::with_capacity(4096);
     family(&mut out, "mcpq_tasks", "gauge", "Tasks by queue and state.");
     let mut paused = Vec::new();

@@ -1,14 +1,14 @@
-//! `GET /v1/openapi.json`: the API described as OpenAPI 3.1. A test checks that every route the
-//! router serves is described here.
+//! `GET /v1/openapi.json`: the API described as OpenAPI 3.1. Tests hold the document, the route
+//! list and the router to each other.
 
 use std::sync::LazyLock;
 
 use axum::Json;
 use serde_json::{Value, json};
 
-/// Every path the router serves, with its methods, for the tests of the document and router.
-#[cfg(test)]
-pub(crate) const ROUTES: &[(&str, &[&str])] = &[
+/// Every path the router serves, with its methods; a test holds the document to it, another
+/// sends each to the router.
+pub(super) const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/tasks", &["post", "get"]),
     ("/v1/tasks/batch", &["post"]),
     ("/v1/tasks/{id}", &["get", "delete"]),
@@ -39,6 +39,7 @@ fn op(summary: &str, ok: &str, schema: Value, params: Value, body: Option<&str>)
         "parameters": params,
         "responses": {
             ok: { "description": "OK", "content": { "application/json": { "schema": schema } } },
+            "401": { "description": "No valid bearer token (when api.tokens is set)" },
             "4XX": { "description": "Bad input; the body names the field",
                      "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } },
             "503": { "description": "Store or fleet unavailable; retry" }
@@ -67,7 +68,7 @@ fn build() -> Value {
     let queue_q =
         q("queue", "queue name (default: default; for a task: searched in every queue)", "string");
     let id = p("id", "task id (UUID v7)");
-    let task_paths = json!({
+    let mut task_paths = json!({
         "/v1/tasks": {
             "post": op("Enqueue a task (Idempotency-Key header honoured: same body → 200 with the same task, different body → 422)",
                 "201", r("Task"),
@@ -78,7 +79,7 @@ fn build() -> Value {
                        q("limit", "1..=1000, default 50", "integer"), q("cursor", "next_cursor of the previous page", "string")]), None)
         },
         "/v1/tasks/batch": {
-            "post": op("Enqueue several tasks; all are checked before any is stored", "201", r("Batch"), json!([]), Some("BatchRequest"))
+            "post": op("Enqueue several tasks; all are checked before any is stored, then stored queue by queue in order (after a 503 some may be stored: give each an idempotency_key to retry safely)", "201", r("Batch"), json!([]), Some("BatchRequest"))
         },
         "/v1/tasks/{id}": {
             "get": op("One task", "200", r("Task"), json!([id, queue_q]), None),
@@ -110,9 +111,13 @@ fn build() -> Value {
                      "responses": { "200": { "description": "text/event-stream; data is an Event", "content": { "text/event-stream": { "schema": r("Event") } } } } }
         },
         "/metrics": { "get": { "summary": "Prometheus metrics", "responses": { "200": { "description": "text/plain; version=0.0.4" } } } },
-        "/healthz": { "get": { "summary": "The process is up (no auth)", "responses": { "200": { "description": "ok" } } } },
-        "/readyz": { "get": { "summary": "The store answers (no auth)", "responses": { "200": { "description": "ready" }, "503": { "description": "not ready" } } } },
-        "/v1/openapi.json": { "get": { "summary": "This document (no auth)", "responses": { "200": { "description": "OpenAPI 3.1" } } } }
+        "/healthz": { "get": { "summary": "The process is up", "security": [], "responses": { "200": { "description": "ok" } } } },
+        "/readyz": { "get": { "summary": "The store answers", "security": [], "responses": { "200": { "description": "ready" }, "503": { "description": "not ready" } } } },
+        "/v1/openapi.json": { "get": { "summary": "This document", "security": [], "responses": { "200": { "description": "OpenAPI 3.1" } } } }
+    });
+    task_paths["/v1/tasks"]["post"]["responses"]["200"] = json!({
+        "description": "The Idempotency-Key was seen with the same body: the first task",
+        "content": { "application/json": { "schema": r("Task") } }
     });
     let string = json!({ "type": "string" });
     let opt_string = json!({ "type": ["string", "null"] });
@@ -150,7 +155,9 @@ fn build() -> Value {
                         "created_at": { "type": "string", "format": "date-time" },
                         "started_at": { "type": ["string", "null"], "format": "date-time" },
                         "finished_at": { "type": ["string", "null"], "format": "date-time" },
-                        "idempotent": { "type": "boolean" } } },
+                        "idempotent": { "type": "boolean" }, "pinned_server": string,
+                        "tags": { "type": "array", "items": string }, "idempotency_key": string,
+                        "metadata": { "type": "object" } } },
                 "Batch": { "type": "object", "properties": { "tasks": { "type": "array",
                     "items": { "oneOf": [r("Task"), r("Error")] } } } },
                 "TaskPage": { "type": "object", "properties": { "tasks": { "type": "array", "items": r("Task") }, "next_cursor": opt_string } },

@@ -88,6 +88,14 @@ fn build<S: Store>(
     let attempts = st.queue_cfg.get(&queue).max_attempts;
     let task =
         req.to_task(attempts).map_err(|(f, m)| ApiError::invalid(format!("{prefix}{f}"), m))?;
+    if let (Some(delay), Some(expires)) = (req.delay_ms, req.expires_ms)
+        && expires <= delay
+    {
+        return Err(ApiError::invalid(
+            format!("{prefix}expires_ms"),
+            "must be more than delay_ms, or the task expires before it may start",
+        ));
+    }
     task.validate().map_err(|e| {
         ApiError::store(e, |f| {
             let f = if f == "call.name" { CallSpec::target_field(&task.call) } else { f };
@@ -100,9 +108,14 @@ fn build<S: Store>(
 pub(super) async fn create<S: Store>(
     State(st): State<ApiState<S>>,
     headers: HeaderMap,
+    q: QueryResult,
     JsonBody(req): JsonBody<TaskRequest>,
 ) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
     let (queue, mut task) = build(&st, &req, "")?;
+    if headers.get_all("idempotency-key").iter().count() > 1 {
+        return Err(ApiError::invalid("Idempotency-Key", "given more than once"));
+    }
     if let Some(key) = headers.get("idempotency-key") {
         let key = key
             .to_str()
@@ -128,10 +141,11 @@ pub(super) async fn create<S: Store>(
             Ok((StatusCode::CREATED, Json(TaskView::created(queue.as_str(), &task)))
                 .into_response())
         }
-        Some(Enqueued::Existing(id)) => {
-            let t = q.get(*id).await.map_err(|e| ApiError::store(e, rename))?;
-            Ok((StatusCode::OK, Json(TaskView::of(&t))).into_response())
-        }
+        Some(Enqueued::Existing(id)) => match q.get(*id).await {
+            Ok(t) => Ok((StatusCode::OK, Json(TaskView::of(&t))).into_response()),
+            Err(Error::NotFound(_)) => Err(replay_gone(*id, key_field)),
+            Err(e) => Err(ApiError::store(e, rename)),
+        },
         Some(Enqueued::Conflict(existing)) => {
             Err(ApiError::store(Error::Conflict { existing: *existing }, rename))
         }
@@ -141,8 +155,10 @@ pub(super) async fn create<S: Store>(
 
 pub(super) async fn create_batch<S: Store>(
     State(st): State<ApiState<S>>,
+    q: QueryResult,
     JsonBody(req): JsonBody<BatchRequest>,
 ) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
     if req.tasks.is_empty() || req.tasks.len() > st.cfg.max_batch {
         return Err(ApiError::invalid(
             "tasks",
@@ -168,10 +184,18 @@ pub(super) async fn create_batch<S: Store>(
                 Enqueued::Created(_) => {
                     BatchItem::Task(Box::new(TaskView::created(queue.as_str(), task)))
                 }
-                Enqueued::Existing(id) => {
-                    let t = q.get(id).await.map_err(|e| ApiError::store(e, str::to_owned))?;
-                    BatchItem::Task(Box::new(TaskView::of(&t)))
-                }
+                Enqueued::Existing(id) => match q.get(id).await {
+                    Ok(t) => BatchItem::Task(Box::new(TaskView::of(&t))),
+                    // the rest of the batch is stored: answer per item, never abort here
+                    Err(e) => {
+                        let field = format!("tasks[{i}].idempotency_key");
+                        let err = match e {
+                            Error::NotFound(_) => replay_gone(id, &field),
+                            other => ApiError::store(other, str::to_owned),
+                        };
+                        BatchItem::Error { error: err.detail }
+                    }
+                },
                 Enqueued::Conflict(existing) => BatchItem::Error {
                     error: ErrorDetail {
                         code: "idempotency_conflict".to_owned(),
@@ -186,6 +210,16 @@ pub(super) async fn create_batch<S: Store>(
     }
     let tasks = items.into_iter().flatten().collect();
     Ok((StatusCode::CREATED, Json(BatchView { tasks })).into_response())
+}
+
+/// The idempotency key matched a task that retention has already removed.
+fn replay_gone(id: TaskId, field: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_replay_gone",
+        format!("the idempotency key matches task {id}, which retention has already removed"),
+    )
+    .field(field)
 }
 
 /// Finds a task in the queue the request names, or in every served queue.
@@ -229,6 +263,7 @@ pub(super) async fn wait<S: Store>(
         .number("timeout_ms", 0..=MAX_WAIT.as_millis() as u64)?
         .map_or(DEFAULT_WAIT, Duration::from_millis);
     let queue = locate(&st, id, p.get("queue")).await?;
+    let _permit = st.stream_permit()?;
     let waited = tokio::select! {
         r = queue.wait(id, timeout) => r,
         _ = st.closing.cancelled() => Err(Error::Timeout),
@@ -288,7 +323,7 @@ pub(super) async fn list<S: Store>(
         None => TaskState::Queued,
     };
     let limit = p.number("limit", 1..=MAX_PAGE)?.unwrap_or(DEFAULT_PAGE);
-    let cursor = p.number("cursor", 0..=u64::MAX)?.unwrap_or(0);
+    let cursor = p.number("cursor", 0..=u64::from(u32::MAX))?.unwrap_or(0);
     let page = Queue::new(st.store.clone(), queue)
         .list(state, cursor, limit)
         .await
@@ -306,7 +341,9 @@ async fn queue_view<S: Store>(st: &ApiState<S>, queue: QueueName) -> Result<Queu
 
 pub(super) async fn queues<S: Store>(
     State(st): State<ApiState<S>>,
+    q: QueryResult,
 ) -> Result<Json<Vec<QueueView>>, ApiError> {
+    Params::parse(q, &[])?;
     let mut out = Vec::with_capacity(st.queues.len());
     for q in st.queues.iter() {
         out.push(queue_view(&st, q.clone()).await?);
@@ -317,7 +354,9 @@ pub(super) async fn queues<S: Store>(
 pub(super) async fn queue_stats<S: Store>(
     State(st): State<ApiState<S>>,
     Path(queue): Path<String>,
+    q: QueryResult,
 ) -> Result<Json<QueueView>, ApiError> {
+    Params::parse(q, &[])?;
     let q = st.queue(Some(&queue), "queue")?;
     Ok(Json(queue_view(&st, q).await?))
 }
@@ -335,27 +374,35 @@ async fn set_paused<S: Store>(
 pub(super) async fn pause<S: Store>(
     State(st): State<ApiState<S>>,
     Path(queue): Path<String>,
+    q: QueryResult,
 ) -> Result<Json<QueueView>, ApiError> {
+    Params::parse(q, &[])?;
     set_paused(st, queue, true).await
 }
 
 pub(super) async fn resume<S: Store>(
     State(st): State<ApiState<S>>,
     Path(queue): Path<String>,
+    q: QueryResult,
 ) -> Result<Json<QueueView>, ApiError> {
+    Params::parse(q, &[])?;
     set_paused(st, queue, false).await
 }
 
 pub(super) async fn servers<S: Store>(
     State(st): State<ApiState<S>>,
+    q: QueryResult,
 ) -> Result<Json<Vec<ServerView>>, ApiError> {
+    Params::parse(q, &[])?;
     Ok(Json(st.fleet()?.servers().iter().map(ServerView::of).collect()))
 }
 
 pub(super) async fn add_server<S: Store>(
     State(st): State<ApiState<S>>,
+    q: QueryResult,
     JsonBody(cfg): JsonBody<ServerConfig>,
 ) -> Result<Response, ApiError> {
+    Params::parse(q, &[])?;
     let fleet = st.fleet()?;
     cfg.validate("server").map_err(|e| {
         ApiError::invalid(e.key.strip_prefix("server.").unwrap_or(&e.key).to_owned(), e.message)
@@ -373,7 +420,9 @@ pub(super) async fn add_server<S: Store>(
 pub(super) async fn remove_server<S: Store>(
     State(st): State<ApiState<S>>,
     Path(name): Path<String>,
+    q: QueryResult,
 ) -> Result<StatusCode, ApiError> {
+    Params::parse(q, &[])?;
     st.fleet()?.remove_server(&name).await.map_err(ApiError::fleet)?;
     Ok(StatusCode::NO_CONTENT)
 }
