@@ -1,5 +1,8 @@
 //! mcpq's end-to-end tests: one binary, real processes.
 
+mod api_router;
+mod api_tcp;
+mod cli;
 mod fleet;
 mod mcp_auth;
 mod mcp_client;

@@ -19,6 +19,7 @@ use crate::mcp::Execution;
 pub struct Node {
     child: Child,
     log: PathBuf,
+    api: String,
     _dir: tempfile::TempDir,
 }
 
@@ -35,6 +36,8 @@ impl Node {
             .arg("--config")
             .arg(&cfg)
             .env("MCPQ_LOG", "info")
+            // several nodes per test: each API on a free port, named in the ready line
+            .env("MCPQ_API__LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(&log)?)
@@ -44,11 +47,21 @@ impl Node {
         let mut line = String::new();
         // the ready line comes once the fleet runs; EOF means the node exited
         BufReader::new(stdout).read_line(&mut line)?;
-        let node = Self { child, log, _dir: dir };
-        if !line.starts_with("mcpq serving") {
+        let api = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("api="))
+            .unwrap_or_default()
+            .to_owned();
+        let node = Self { child, log, api, _dir: dir };
+        if !line.starts_with("mcpq serving") || node.api.is_empty() {
             bail!("the node did not start: {line:?}; log:\n{}", node.log());
         }
         Ok(node)
+    }
+
+    /// The base URL of its HTTP API, e.g. `http://127.0.0.1:41234`.
+    pub fn api(&self) -> &str {
+        &self.api
     }
 
     /// The process id.
@@ -63,7 +76,11 @@ impl Node {
 
     fn signal(&self, sig: &str) -> Result<()> {
         let ok =
-            Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status()?;
+            Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(self.pid().to_string())
+                .stderr(Stdio::null())
+                .status()?;
         if !ok.success() {
             bail!("kill -{sig} {} failed", self.pid());
         }

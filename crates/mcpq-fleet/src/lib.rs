@@ -16,6 +16,6 @@ mod work_queue;
 pub use config::{
     BreakerConfig, ConfigError, DispatchConfig, FleetConfig, HealthConfig, RestartConfig,
 };
-pub use shared::{Health, ServerEvent};
-pub use supervisor::{Fleet, FleetError, FleetStats, Part, ServerStatus};
+pub use shared::{Health, HistogramSnapshot, LATENCY_BUCKETS, ServerEvent};
+pub use supervisor::{Fleet, FleetError, FleetHandle, FleetStats, Part, ServerStatus};
 pub use work_queue::DrainReport;

@@ -315,12 +315,65 @@ pub(crate) struct Counters {
     pub(crate) redistributed: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) restarts: AtomicU64,
+    /// Creation to finish of tasks this replica finished.
+    pub(crate) latency: Histogram,
+    /// Claim to recorded outcome of each attempt.
+    pub(crate) attempt: Histogram,
 }
 
 impl Counters {
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+/// Upper bounds of the histogram buckets, in seconds (Prometheus `le`).
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// A lock-free histogram over [`LATENCY_BUCKETS`] (plus +Inf).
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|&le| secs <= le).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(d.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                total += b.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        HistogramSnapshot {
+            cumulative,
+            count: total,
+            sum_seconds: self.sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// A histogram as Prometheus exposes it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct HistogramSnapshot {
+    /// Observations at or below each of [`LATENCY_BUCKETS`], then the total (+Inf).
+    pub cumulative: Vec<u64>,
+    /// Observations.
+    pub count: u64,
+    /// Their sum, in seconds.
+    pub sum_seconds: f64,
 }
 
 #[derive(Default)]
@@ -452,6 +505,22 @@ impl Shared {
 pub(crate) mod tests {
     use super::*;
     use mcpq_queue::{Call, Route, TaskState};
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_with_the_total() {
+        let h = Histogram::default();
+        for ms in [0, 3, 3, 700, 400_000] {
+            h.record(Duration::from_millis(ms));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 5);
+        assert_eq!(s.cumulative.len(), LATENCY_BUCKETS.len() + 1);
+        assert_eq!(s.cumulative[0], 1, "0 ms is within the first bucket");
+        assert_eq!(s.cumulative[2], 3, "3 ms is within 5 ms");
+        assert_eq!(s.cumulative[9], 4, "700 ms is within 1 s");
+        assert_eq!(s.cumulative.last(), Some(&5), "400 s only in +Inf");
+        assert!((s.sum_seconds - 400.706).abs() < 1e-6);
+    }
 
     /// A running tool-call task, attempt 1 of 3, for tests of the fleet's pieces.
     pub(crate) fn task(idempotent: bool) -> Task {

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::client_actor::{ClientActor, ClientArgs, ClientMsg};
 use crate::config::{ConfigError, FleetConfig};
 use crate::health::{HealthArgs, HealthMonitor, HealthMsg};
-use crate::shared::{Counters, Health, ServerEvent, ServerInfo, Shared};
+use crate::shared::{Counters, Health, HistogramSnapshot, ServerEvent, ServerInfo, Shared};
 use crate::work_queue::{DrainReport, WorkQueue, WorkQueueArgs, WorkQueueMsg};
 
 /// Why a fleet request failed.
@@ -417,10 +417,25 @@ impl<S: Store> SupervisorState<S> {
 }
 
 /// A running fleet: the handle producers of work never see, operators and tests hold.
+/// Derefs to [`FleetHandle`], the cloneable part an HTTP API shares.
 pub struct Fleet {
+    handle: FleetHandle,
+    join: JoinHandle<()>,
+}
+
+/// What can be asked of a running fleet from anywhere: its servers, counters, health events,
+/// and adding or removing servers. Cheap to clone.
+#[derive(Clone)]
+pub struct FleetHandle {
     sup: ActorRef<SupervisorMsg>,
     shared: Arc<Shared>,
-    join: JoinHandle<()>,
+}
+
+impl std::ops::Deref for Fleet {
+    type Target = FleetHandle;
+    fn deref(&self) -> &FleetHandle {
+        &self.handle
+    }
 }
 
 impl Fleet {
@@ -432,9 +447,31 @@ impl Fleet {
         let (sup, join) = Actor::spawn(None, Supervisor(std::marker::PhantomData), args)
             .await
             .map_err(|e| FleetError::Unavailable(e.to_string()))?;
-        Ok(Self { sup, shared, join })
+        Ok(Self { handle: FleetHandle { sup, shared }, join })
     }
 
+    /// A cloneable handle for servers, counters and health events.
+    pub fn handle(&self) -> FleetHandle {
+        self.handle.clone()
+    }
+
+    /// Stops claiming, lets running calls finish within `dispatch.drain_timeout_ms`, hands
+    /// the rest back, and stops every actor.
+    pub async fn shutdown(self) -> Result<DrainReport, FleetError> {
+        let report = self.handle.ask(SupervisorMsg::Shutdown).await?;
+        // the supervisor stops itself after answering
+        let _ = self.join.await;
+        Ok(report)
+    }
+
+    /// Resolves when the fleet stopped on its own (an essential actor spent its restart
+    /// budget); a replica should exit then.
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.join).await;
+    }
+}
+
+impl FleetHandle {
     /// This replica's node name.
     pub fn node(&self) -> &str {
         &self.shared.node
@@ -495,6 +532,13 @@ impl Fleet {
         }
     }
 
+    /// Latency histograms since start: `(creation → finish of finished tasks, claim → outcome
+    /// of each attempt)`.
+    pub fn latencies(&self) -> (HistogramSnapshot, HistogramSnapshot) {
+        let c = &self.shared.counters;
+        (c.latency.snapshot(), c.attempt.snapshot())
+    }
+
     /// Tasks this replica holds claims on now.
     pub fn held(&self) -> usize {
         self.shared.ledger().len()
@@ -503,21 +547,6 @@ impl Fleet {
     /// Server health changes from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
         self.shared.events.subscribe()
-    }
-
-    /// Stops claiming, lets running calls finish within `dispatch.drain_timeout_ms`, hands
-    /// the rest back, and stops every actor.
-    pub async fn shutdown(self) -> Result<DrainReport, FleetError> {
-        let report = self.ask(SupervisorMsg::Shutdown).await?;
-        // the supervisor stops itself after answering
-        let _ = self.join.await;
-        Ok(report)
-    }
-
-    /// Resolves when the fleet stopped on its own (an essential actor spent its restart
-    /// budget); a replica should exit then.
-    pub async fn stopped(&mut self) {
-        let _ = (&mut self.join).await;
     }
 
     /// Test hook: makes an actor fail as a bug would, to exercise supervision.

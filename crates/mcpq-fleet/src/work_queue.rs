@@ -623,9 +623,19 @@ impl<S: Store> WorkQueueState<S> {
                 if let Some(d) = self.draining.as_mut() {
                     d.report.finished += settled.len();
                 }
-                for ((id, _), s) in entries.iter().zip(settled) {
+                let now_ms = now_ms();
+                for ((id, entry), s) in entries.iter().zip(settled) {
                     if !matches!(s, Settled::Applied(TaskState::Queued | TaskState::Scheduled)) {
                         self.avoid.remove(id);
+                    }
+                    if let Settled::Applied(state) = s
+                        && !released
+                    {
+                        c.attempt.record(entry.claimed_at.elapsed());
+                        if state.is_terminal() {
+                            let ms = now_ms.saturating_sub(entry.task.created_at_ms);
+                            c.latency.record(Duration::from_millis(ms));
+                        }
                     }
                     match s {
                         Settled::Applied(TaskState::Succeeded) => Counters::add(&c.succeeded, 1),

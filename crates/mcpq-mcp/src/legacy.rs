@@ -21,9 +21,17 @@ use tokio::task::JoinHandle;
 use crate::outcome::Outcome;
 
 /// eventsource-client's GET requests, sent by our reqwest client (one TLS stack, one pool).
+/// Public so other SSE readers (the CLI's `watch`) share it.
 #[derive(Clone)]
-pub(crate) struct ReqwestTransport {
+pub struct ReqwestTransport {
     http: reqwest::Client,
+}
+
+impl ReqwestTransport {
+    /// A transport over `http`.
+    pub fn new(http: reqwest::Client) -> Self {
+        Self { http }
+    }
 }
 
 /// A body stream fed by a task: reqwest's own stream is not `Sync`, which the trait requires.

@@ -15,4 +15,5 @@ pub use client::{
     BuildError, CallMeta, Era, LEGACY_VERSION, McpClient, SESSION_VERSION, STATELESS_VERSION,
 };
 pub use config::{Auth, ConfigError, Secret, ServerConfig, Timeouts, TransportChoice};
+pub use legacy::ReqwestTransport;
 pub use outcome::{Outcome, RpcError};

@@ -134,7 +134,7 @@ impl<S: Store> Queue<S> {
     /// The queue's events from `from` on, as an endless stream. A failed read yields the error
     /// and the stream carries on from the same place, so a subscriber sees every retained event
     /// once, in order. [`StartAt::Now`] means the newest event when the stream is first polled.
-    pub fn subscribe(&self, from: StartAt) -> impl Stream<Item = Result<Event>> + Send + 'static {
+    pub fn subscribe(&self, from: StartAt) -> impl Stream<Item = Result<Event>> + Send + use<S> {
         struct State<S: Store> {
             queue: Queue<S>,
             after: Option<EventId>,

@@ -405,6 +405,12 @@ impl NewTask {
         self
     }
 
+    /// Checks every field as a store will, naming the field at fault (`call.name`,
+    /// `timeout_ms`, …), without storing anything.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.encode().map(|_| ())
+    }
+
     /// Checks and encodes a batch; an error names the offending task's index (`tasks[3].…`)
     /// when there are several. Nothing reaches a store without this.
     pub(crate) fn encode_all(tasks: &[NewTask]) -> Result<Vec<EncodedTask<'_>>, Error> {

@@ -3,6 +3,7 @@
 //! Key names are a public contract; `config/mcpq.toml` documents each with its default.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 
 use mcpq_fleet::{DispatchConfig, HealthConfig};
@@ -44,6 +45,10 @@ impl From<mcpq_queue::InvalidInput> for Error {
     }
 }
 
+/// `MCPQ_*` variables that are not configuration keys: the log filter, and the CLI's API URL
+/// and token (a shell that exports them for the CLI must still be able to run `serve`).
+const NOT_KEYS: &[&str] = &["MCPQ_LOG", "MCPQ_API", "MCPQ_TOKEN"];
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -52,6 +57,8 @@ pub struct Config {
     pub node: String,
     /// `[store]`.
     pub store: StoreConfig,
+    /// `[api]`.
+    pub api: ApiConfig,
     /// `[health]`.
     pub health: HealthConfig,
     /// `[dispatch]`.
@@ -76,10 +83,13 @@ impl Config {
             .prefix_separator("_")
             .separator("__")
             .try_parsing(true)
-            // MCPQ_LOG is the log filter, not a configuration key
+            // MCPQ_API__TOKENS=a,b: several tokens in one variable
+            .list_separator(",")
+            .with_list_parse_key("api.tokens")
+            // the log filter and the CLI's own variables are not configuration keys
             .source(Some(
                 env.iter()
-                    .filter(|(k, _)| *k != "MCPQ_LOG")
+                    .filter(|(k, _)| !NOT_KEYS.contains(&k.as_str()))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             ));
@@ -106,6 +116,7 @@ impl Config {
     /// Checks every value.
     pub fn validate(&self) -> Result<(), Error> {
         self.store.validate()?;
+        self.api.validate()?;
         self.health.validate()?;
         self.dispatch.validate()?;
         if self.node.len() > 128 || self.node.chars().any(char::is_control) {
@@ -158,6 +169,90 @@ impl Config {
     }
 }
 
+/// `[api]`: the HTTP API every replica serves.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to listen on; loopback unless tokens are set.
+    pub listen: String,
+    /// Bearer tokens, any of which is accepted; empty = no auth (loopback only).
+    pub tokens: Vec<String>,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most tasks in one `POST /v1/tasks/batch`.
+    pub max_batch: usize,
+    /// Most event streams and waits open at once (each holds a store connection).
+    pub max_streams: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7600".to_owned(),
+            tokens: Vec::new(),
+            max_body_bytes: 8 * 1024 * 1024,
+            max_batch: 10_000,
+            max_streams: 256,
+        }
+    }
+}
+
+impl ApiConfig {
+    /// The listen address.
+    pub fn addr(&self) -> Result<SocketAddr, Error> {
+        self.listen.parse().map_err(|_| Error::Invalid {
+            key: "api.listen".to_owned(),
+            message: format!(
+                "{:?} is not an address; expected ip:port, e.g. 127.0.0.1:7600",
+                self.listen
+            ),
+        })
+    }
+
+    /// Checks every key of `[api]`.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |key: &str, message: String| Error::Invalid { key: key.to_owned(), message };
+        let addr = self.addr()?;
+        // an open API beyond this machine would let anyone enqueue calls to the servers
+        if !addr.ip().is_loopback() && self.tokens.is_empty() {
+            return Err(invalid(
+                "api.listen",
+                format!(
+                    "{addr} is reachable from other machines; set api.tokens (or MCPQ_API__TOKENS) \
+                     to require a bearer token, or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            if t.len() < 8 || t.len() > 256 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    &format!("api.tokens[{i}]"),
+                    "must be 8 to 256 printable ASCII characters without spaces".to_owned(),
+                ));
+            }
+        }
+        if !(1024..=1 << 30).contains(&self.max_body_bytes) {
+            return Err(invalid(
+                "api.max_body_bytes",
+                format!("{} is out of range 1024..=1073741824", self.max_body_bytes),
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_streams) {
+            return Err(invalid(
+                "api.max_streams",
+                format!("{} is out of range 1..=10000", self.max_streams),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_batch) {
+            return Err(invalid(
+                "api.max_batch",
+                format!("{} is out of range 1..=100000", self.max_batch),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +280,9 @@ mod tests {
             ("MCPQ_STORE__REDIS_URL".to_owned(), "redis://127.0.0.1:2/".to_owned()),
             ("MCPQ_QUEUES__MAIL__MAX_ATTEMPTS".to_owned(), "9".to_owned()),
             ("UNRELATED".to_owned(), "x".to_owned()),
+            ("MCPQ_LOG".to_owned(), "debug".to_owned()),
+            ("MCPQ_API".to_owned(), "http://127.0.0.1:7601".to_owned()),
+            ("MCPQ_TOKEN".to_owned(), "for-the-cli".to_owned()),
         ]);
         let cfg = Config::load(Some(&path), &env).unwrap();
         assert_eq!(cfg.store.redis_url.as_deref(), Some("redis://127.0.0.1:2/"));
@@ -257,10 +355,25 @@ mod tests {
         .unwrap();
         let cfg = Config::from_toml(&text).unwrap();
         assert_eq!(cfg.store, StoreConfig::default());
+        assert_eq!(cfg.api, ApiConfig::default());
         assert_eq!(cfg.queues["default"], QueueConfig::default());
         assert_eq!(cfg.health, HealthConfig::default());
         assert_eq!(cfg.dispatch, DispatchConfig::default());
         assert_eq!(cfg.node, "");
+    }
+
+    #[test]
+    fn api_tokens_come_from_one_variable_and_guard_open_listens() {
+        let env = HashMap::from([
+            ("MCPQ_API__TOKENS".to_owned(), "token-one,token-two".to_owned()),
+            ("MCPQ_API__LISTEN".to_owned(), "0.0.0.0:7600".to_owned()),
+        ]);
+        let cfg = Config::load(None, &env).unwrap();
+        assert_eq!(cfg.api.tokens, ["token-one", "token-two"]);
+        assert_eq!(key_of(Config::from_toml("[api]\nlisten = \"0.0.0.0:7600\"")), "api.listen");
+        assert_eq!(key_of(Config::from_toml("[api]\nlisten = \"localhost\"")), "api.listen");
+        assert_eq!(key_of(Config::from_toml("[api]\ntokens = [\"short\"]")), "api.tokens[0]");
+        assert_eq!(key_of(Config::from_toml("[api]\nmax_batch = 0")), "api.max_batch");
     }
 
     #[test]

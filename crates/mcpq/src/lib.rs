@@ -1,6 +1,9 @@
 //! mcpq: a prioritized, durable work queue over a fleet of MCP servers. This crate holds the
-//! operator-facing pieces: the configuration loader, `mcpq serve` and the command line.
+//! pieces people touch: the configuration loader, `mcpq serve` with its HTTP API, the command
+//! line and `mcpq demo`.
 
+pub mod api;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod serve;
