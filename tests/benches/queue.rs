@@ -1,11 +1,13 @@
-//! Micro-benchmark of the Redis store: 50,000 no-op tasks through enqueue (batched), claim and
-//! complete (batched), against a local redis-server it starts itself. Prints, per run and as
-//! the median of the runs: enqueue/s, claim+complete/s, the concurrent enqueue→claim→complete
-//! cycle/s, Redis commands per task (INFO commandstats, commands inside scripts included),
-//! client round trips per task, and bytes of Redis memory per queued task.
+//! Micro-benchmark of the stores: 50,000 no-op tasks through enqueue (batched), claim and
+//! complete (batched), against a local redis-server it starts itself and against the embedded
+//! store in a fresh directory. Prints, per run and as the median of the runs: enqueue/s,
+//! claim+complete/s, the concurrent enqueue→claim→complete cycle/s, and CPU per task in the
+//! cycle; for Redis also commands per task (INFO commandstats, commands inside scripts
+//! included), client round trips per task and bytes of Redis memory per queued task; for the
+//! embedded store the file's growth per task (every commit of it is synced to disk).
 //!
-//! `cargo bench -p mcpq-tests --bench queue [-- --tasks N --runs N --workers N --batch N
-//! --enqueue-batch N --verbose]`
+//! `cargo bench -p mcpq-tests --bench queue [-- --store redis|embedded|both --dir PATH
+//! --tasks N --runs N --workers N --batch N --enqueue-batch N --verbose]`
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,25 +15,35 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mcpq_queue::{Completion, NewTask, QueueName, RedisStore, Store};
+use mcpq_queue::{Completion, EmbeddedStore, NewTask, QueueName, Store};
 use mcpq_tests::RedisServer;
-use mcpq_tests::bench::{arg, median, own_cpu_s};
+use mcpq_tests::bench::{arg, median, own_cpu_s, text_arg};
 use serde_json::{Value, json};
 
 const PRODUCERS: usize = 2;
 const LEASE: Duration = Duration::from_secs(60);
 
-#[derive(Default, Clone, Copy)]
-struct Figures {
-    enqueue_per_s: f64,
-    drain_per_s: f64,
-    cycle_per_s: f64,
-    cycle_client_us: f64,
-    cycle_redis_us: f64,
-    commands_per_task: f64,
-    round_trips_per_task: f64,
-    bytes_per_queued: f64,
-}
+/// A column of a results table: heading, width, decimals.
+struct Col(&'static str, usize, usize);
+
+const REDIS_COLS: &[Col] = &[
+    Col("enqueue/s", 10, 0),
+    Col("claim+complete/s", 16, 0),
+    Col("cycle/s", 9, 0),
+    Col("client µs", 10, 1),
+    Col("redis µs", 10, 1),
+    Col("cmds/task", 9, 2),
+    Col("rtrips/task", 11, 4),
+    Col("bytes/task", 10, 1),
+];
+
+const EMBEDDED_COLS: &[Col] = &[
+    Col("enqueue/s", 10, 0),
+    Col("claim+complete/s", 16, 0),
+    Col("cycle/s", 9, 0),
+    Col("cpu µs", 10, 1),
+    Col("file bytes/task", 15, 0),
+];
 
 fn info(conn: &mut redis::Connection, section: &str) -> Result<HashMap<String, String>> {
     let text: String = redis::cmd("INFO").arg(section).query(conn)?;
@@ -77,7 +89,7 @@ fn noop() -> NewTask {
     NewTask::tool("noop", Value::Null)
 }
 
-async fn enqueue_all(store: &RedisStore, q: &QueueName, n: usize, shape: Shape) -> Result<()> {
+async fn enqueue_all<S: Store>(store: &S, q: &QueueName, n: usize, shape: Shape) -> Result<()> {
     let producers = PRODUCERS;
     let per = n.div_ceil(producers);
     let mut handles = Vec::new();
@@ -109,7 +121,7 @@ struct Shape {
 }
 
 /// Claims and completes until `target` tasks are done in total.
-async fn drain(store: &RedisStore, q: &QueueName, target: usize, shape: Shape) -> Result<()> {
+async fn drain<S: Store>(store: &S, q: &QueueName, target: usize, shape: Shape) -> Result<()> {
     let done = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::new();
     for _ in 0..shape.workers {
@@ -147,7 +159,35 @@ async fn drain(store: &RedisStore, q: &QueueName, target: usize, shape: Shape) -
     Ok(())
 }
 
-async fn run_once(n: usize, shape: Shape) -> Result<Figures> {
+/// Producers and workers at once on a fresh queue: answers the seconds it took.
+async fn cycle<S: Store>(store: &S, n: usize, shape: Shape) -> Result<f64> {
+    let q2 = QueueName::new("cycle")?;
+    let t = Instant::now();
+    let producer = {
+        let (store, q2) = (store.clone(), q2.clone());
+        tokio::spawn(async move { enqueue_all(&store, &q2, n, shape).await })
+    };
+    drain(store, &q2, n, shape).await?;
+    producer.await??;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Checks the queue holds `n` queued tasks, or `n` succeeded ones and nothing left.
+async fn expect<S: Store>(store: &S, q: &QueueName, n: usize, drained: bool) -> Result<()> {
+    let stats = store.stats(q).await?;
+    let ok = if drained {
+        stats.succeeded == n as u64 && stats.running + stats.queued == 0
+    } else {
+        stats.queued == n as u64
+    };
+    if !ok {
+        bail!("expected {n} {}, found {stats:?}", if drained { "done" } else { "queued" });
+    }
+    Ok(())
+}
+
+/// One run against a fresh redis-server: the figures of [`REDIS_COLS`].
+async fn run_redis(n: usize, shape: Shape) -> Result<Vec<f64>> {
     let server = RedisServer::start()?;
     let mut raw = server.raw()?;
     let store = server.store(&[]).await?;
@@ -171,10 +211,7 @@ async fn run_once(n: usize, shape: Shape) -> Result<Figures> {
             stats.get("cmdstat_evalsha").map_or("", |s| s.as_str())
         );
     }
-    let stats = store.stats(&q).await?;
-    if stats.queued != n as u64 {
-        bail!("expected {n} queued, found {}", stats.queued);
-    }
+    expect(&store, &q, n, false).await?;
 
     let t = Instant::now();
     drain(&store, &q, n, shape).await?;
@@ -189,49 +226,95 @@ async fn run_once(n: usize, shape: Shape) -> Result<Figures> {
         let cpu = info(&mut raw, "cpu")?;
         println!("  redis cpu: user {}s sys {}s", cpu["used_cpu_user"], cpu["used_cpu_sys"]);
     }
-    let stats = store.stats(&q).await?;
-    if stats.succeeded != n as u64 || stats.running + stats.queued != 0 {
-        bail!("drain left the queue at {stats:?}");
-    }
+    expect(&store, &q, n, true).await?;
 
     // the full cycle, concurrently: producers and workers at once on a second queue
-    let q2 = QueueName::new("cycle")?;
     let (client0, redis0) = (own_cpu_s()?, redis_cpu_s(&mut raw)?);
-    let t = Instant::now();
-    let producer = {
-        let (store, q2) = (store.clone(), q2.clone());
-        tokio::spawn(async move { enqueue_all(&store, &q2, n, shape).await })
-    };
-    drain(&store, &q2, n, shape).await?;
-    producer.await??;
-    let cycle_s = t.elapsed().as_secs_f64();
+    let cycle_s = cycle(&store, n, shape).await?;
     let (client1, redis1) = (own_cpu_s()?, redis_cpu_s(&mut raw)?);
 
-    Ok(Figures {
-        enqueue_per_s: n as f64 / enqueue_s,
-        drain_per_s: n as f64 / drain_s,
-        cycle_per_s: n as f64 / cycle_s,
-        cycle_client_us: (client1 - client0) * 1e6 / n as f64,
-        cycle_redis_us: (redis1 - redis0) * 1e6 / n as f64,
-        commands_per_task: all_cmds as f64 / n as f64,
-        round_trips_per_task: client_rt as f64 / n as f64,
-        bytes_per_queued: (mem_after - mem_before) / n as f64,
-    })
+    let per_task = |x: f64| x / n as f64;
+    Ok(vec![
+        n as f64 / enqueue_s,
+        n as f64 / drain_s,
+        n as f64 / cycle_s,
+        per_task((client1 - client0) * 1e6),
+        per_task((redis1 - redis0) * 1e6),
+        per_task(all_cmds as f64),
+        per_task(client_rt as f64),
+        per_task(mem_after - mem_before),
+    ])
 }
 
-fn print_row(label: &str, f: &Figures) {
-    println!(
-        "{:>6} {:>10.0} {:>16.0} {:>9.0} {:>10.1} {:>10.1} {:>9.2} {:>11.4} {:>10.1}",
-        label,
-        f.enqueue_per_s,
-        f.drain_per_s,
-        f.cycle_per_s,
-        f.cycle_client_us,
-        f.cycle_redis_us,
-        f.commands_per_task,
-        f.round_trips_per_task,
-        f.bytes_per_queued
-    );
+fn file_size(dir: &std::path::Path) -> Result<f64> {
+    Ok(std::fs::metadata(dir.join("mcpq.redb"))?.len() as f64)
+}
+
+/// One run against a fresh embedded store: the figures of [`EMBEDDED_COLS`].
+async fn run_embedded(n: usize, shape: Shape, parent: Option<&str>) -> Result<Vec<f64>> {
+    let tmp = match parent {
+        Some(p) => tempfile::tempdir_in(p)?,
+        None => tempfile::tempdir()?,
+    };
+    let dir = tmp.path().join("store");
+    let store = EmbeddedStore::open_path(&dir)?;
+    let q = QueueName::default();
+    let size0 = file_size(&dir)?;
+
+    let t = Instant::now();
+    enqueue_all(&store, &q, n, shape).await?;
+    let enqueue_s = t.elapsed().as_secs_f64();
+    expect(&store, &q, n, false).await?;
+
+    let t = Instant::now();
+    drain(&store, &q, n, shape).await?;
+    let drain_s = t.elapsed().as_secs_f64();
+    expect(&store, &q, n, true).await?;
+
+    // this process does all the work here, the writer thread included
+    let cpu0 = own_cpu_s()?;
+    let cycle_s = cycle(&store, n, shape).await?;
+    let cpu1 = own_cpu_s()?;
+    let size1 = file_size(&dir)?;
+    let n = n as f64;
+    Ok(vec![
+        n / enqueue_s,
+        n / drain_s,
+        n / cycle_s,
+        (cpu1 - cpu0) * 1e6 / n,
+        // the main queue's and the cycle's tasks, all retained
+        (size1 - size0) / (2.0 * n),
+    ])
+}
+
+fn print_row(label: &str, cols: &[Col], values: &[f64]) {
+    let cells: Vec<String> =
+        cols.iter().zip(values).map(|(Col(_, w, d), v)| format!("{v:>w$.d$}")).collect();
+    println!("{label:>6} {}", cells.join(" "));
+}
+
+/// Runs `run` `runs` times, printing each run's row and then the median of each column.
+fn table(
+    title: &str,
+    cols: &[Col],
+    runs: usize,
+    note: &str,
+    mut run: impl FnMut() -> Result<Vec<f64>>,
+) -> Result<()> {
+    println!("{title}");
+    let heads: Vec<String> = cols.iter().map(|Col(h, w, _)| format!("{h:>w$}")).collect();
+    println!("{:>6} {}", "run", heads.join(" "));
+    let mut all = Vec::new();
+    for i in 1..=runs {
+        let row = run()?;
+        print_row(&i.to_string(), cols, &row);
+        all.push(row);
+    }
+    let medians: Vec<f64> =
+        (0..cols.len()).map(|c| median(all.iter().map(|r| r[c]).collect())).collect();
+    print_row("median", cols, &medians);
+    println!("({note})");
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -242,43 +325,36 @@ fn main() -> Result<()> {
         batch: arg("--batch", 250)?.clamp(1, 1000),
         enqueue_batch: arg("--enqueue-batch", 1000)?.clamp(1, 1000),
     };
-    // one client thread: Redis keeps the other core to itself
+    let which = text_arg("--store").unwrap_or_else(|| "both".to_owned());
+    if !["redis", "embedded", "both"].contains(&which.as_str()) {
+        bail!("--store takes redis, embedded or both");
+    }
+    // one client thread: Redis (or the embedded store's writer) keeps the other core
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    println!(
-        "mcpq-queue Redis store, {n} no-op tasks, enqueue batch {} x {PRODUCERS} producers, \
-         claim/complete batch {} x {} workers",
+    let setup = format!(
+        "{n} no-op tasks, enqueue batch {} x {PRODUCERS} producers, claim/complete batch {} x {} \
+         workers",
         shape.enqueue_batch, shape.batch, shape.workers
     );
-    println!(
-        "{:>6} {:>10} {:>16} {:>9} {:>10} {:>10} {:>9} {:>11} {:>10}",
-        "run",
-        "enqueue/s",
-        "claim+complete/s",
-        "cycle/s",
-        "client µs",
-        "redis µs",
-        "cmds/task",
-        "rtrips/task",
-        "bytes/task"
-    );
-    let mut all = Vec::new();
-    for i in 1..=runs {
-        let f = rt.block_on(run_once(n, shape))?;
-        print_row(&i.to_string(), &f);
-        all.push(f);
+    if which != "embedded" {
+        table(
+            &format!("mcpq-queue Redis store, {setup}"),
+            REDIS_COLS,
+            runs,
+            "client µs, redis µs: CPU per task during the cycle",
+            || rt.block_on(run_redis(n, shape)),
+        )?;
     }
-    let m = |get: fn(&Figures) -> f64| median(all.iter().map(get).collect());
-    let med = Figures {
-        enqueue_per_s: m(|f| f.enqueue_per_s),
-        drain_per_s: m(|f| f.drain_per_s),
-        cycle_per_s: m(|f| f.cycle_per_s),
-        cycle_client_us: m(|f| f.cycle_client_us),
-        cycle_redis_us: m(|f| f.cycle_redis_us),
-        commands_per_task: m(|f| f.commands_per_task),
-        round_trips_per_task: m(|f| f.round_trips_per_task),
-        bytes_per_queued: m(|f| f.bytes_per_queued),
-    };
-    print_row("median", &med);
-    println!("(client µs, redis µs: CPU per task during the cycle)");
+    if which != "redis" {
+        let parent = text_arg("--dir");
+        let place = parent.as_deref().unwrap_or("the temporary directory");
+        table(
+            &format!("mcpq-queue embedded store (durable commits) in {place}, {setup}"),
+            EMBEDDED_COLS,
+            runs,
+            "cpu µs: this process's CPU per task during the cycle, writer thread included",
+            || rt.block_on(run_embedded(n, shape, parent.as_deref())),
+        )?;
+    }
     Ok(())
 }

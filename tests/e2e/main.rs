@@ -12,3 +12,4 @@ mod store_conformance;
 mod store_embedded;
 mod store_input;
 mod store_model;
+mod store_twins;

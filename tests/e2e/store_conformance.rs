@@ -99,6 +99,7 @@ conformance!(
     stats_and_list_follow_each_state,
     wait_returns_terminal_tasks_and_times_out_otherwise,
     event_stream_is_trimmed_to_its_retention,
+    reading_events_one_at_a_time_walks_every_event,
 );
 
 fn q() -> QueueName {
@@ -177,7 +178,8 @@ async fn claim_orders_by_priority_then_fifo<B: Backend>() -> Result<()> {
     Ok(())
 }
 
-fn id_created_ago(ago: Duration) -> TaskId {
+/// A fresh id whose creation time is `ago` before now, so aging has something to weigh.
+pub(crate) fn id_created_ago(ago: Duration) -> TaskId {
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let then = now - ago;
@@ -780,5 +782,27 @@ async fn event_stream_is_trimmed_to_its_retention<B: Backend>() -> Result<()> {
     // at least the newest 1000 entries are kept: 999 one-task entries and the batch. Trimming
     // may keep more (Redis drops whole stream nodes of 100 entries at once)
     assert!((1499..=1600).contains(&n), "{n} events retained");
+    Ok(())
+}
+
+async fn reading_events_one_at_a_time_walks_every_event<B: Backend>() -> Result<()> {
+    let h = B::open(&[]).await?;
+    let s = &h.store;
+    // one-task entries and a two-task entry
+    enqueue(s, &[tool(1)]).await?;
+    enqueue(s, &[tool(2), tool(3)]).await?;
+    enqueue(s, &[tool(4)]).await?;
+    let all = s.read_events(&q(), None, 100, None).await?;
+    assert_eq!(all.len(), 4);
+    let mut walked = Vec::new();
+    let mut after = None;
+    for _ in 0..10 {
+        let one = s.read_events(&q(), after, 1, None).await?;
+        let Some(e) = one.first() else { break };
+        assert_eq!(one.len(), 1);
+        after = Some(e.id);
+        walked.push(e.clone());
+    }
+    assert_eq!(walked, all, "a read of one event after each one seen");
     Ok(())
 }

@@ -20,15 +20,15 @@ use serde_json::json;
 
 // Delays and long leases of an hour never come due within a test, and short leases of 1 ms are
 // waited out before every reap: that keeps the model free of clocks.
-const HOUR: Duration = Duration::from_secs(3600);
-const SHORT_LEASE: Duration = Duration::from_millis(1);
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
+pub(crate) const SHORT_LEASE: Duration = Duration::from_millis(1);
 const IDEMPOTENCY_KEYS: [&str; 2] = ["k0", "k1"];
 
-fn config() -> Config {
+pub(crate) fn config() -> Config {
     Config { cases: 64, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() }
 }
 
-fn ops() -> impl Strategy<Value = Vec<Op>> {
+pub(crate) fn ops() -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(op(), 1..60)
 }
 
@@ -62,7 +62,7 @@ fn embedded_store_agrees_with_the_model_after_every_step() -> anyhow::Result<()>
 
 /// What a submission is made of: everything enqueue.lua digests for an idempotency key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Body {
+pub(crate) struct Body {
     priority: i32,
     max_attempts: u16,
     idempotent: bool,
@@ -72,7 +72,7 @@ struct Body {
 }
 
 impl Body {
-    fn task(self, id: TaskId) -> NewTask {
+    pub(crate) fn task(self, id: TaskId) -> NewTask {
         let mut t = NewTask::tool("echo", json!({ "n": self.payload }))
             .priority(self.priority)
             .max_attempts(self.max_attempts)
@@ -105,7 +105,7 @@ impl Display for Body {
 }
 
 #[derive(Clone, Debug)]
-enum Submit {
+pub(crate) enum Submit {
     New(Body),
     /// A fresh id with the body of an earlier submission (of this batch or before).
     SameBodyAs(Index),
@@ -116,13 +116,13 @@ enum Submit {
 /// A (task, token) to settle: a running task's current claim, or any claim ever handed out
 /// (most of those are stale).
 #[derive(Clone, Copy, Debug)]
-struct Pick {
-    running: bool,
-    index: Index,
+pub(crate) struct Pick {
+    pub(crate) running: bool,
+    pub(crate) index: Index,
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Disp {
+pub(crate) enum Disp {
     RetryNow,
     RetryLater,
     Fatal,
@@ -130,7 +130,7 @@ enum Disp {
 }
 
 impl Disp {
-    fn disposition(self) -> Disposition {
+    pub(crate) fn disposition(self) -> Disposition {
         match self {
             Self::RetryNow => Disposition::Retry { delay: Duration::ZERO },
             Self::RetryLater => Disposition::Retry { delay: HOUR },
@@ -141,7 +141,7 @@ impl Disp {
 }
 
 #[derive(Clone, Debug)]
-enum Op {
+pub(crate) enum Op {
     Enqueue(Vec<Submit>),
     /// `short`: under a 1 ms lease, else an hour.
     Claim {
@@ -224,13 +224,13 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// An error answer, comparable.
 #[derive(Debug, PartialEq, Eq)]
-enum Refused {
+pub(crate) enum Refused {
     NotFound(TaskId),
     InvalidState(TaskState),
     Other(String),
 }
 
-fn refused(e: Error) -> Refused {
+pub(crate) fn refused(e: Error) -> Refused {
     match e {
         Error::NotFound(id) => Refused::NotFound(id),
         Error::InvalidState { state } => Refused::InvalidState(state),
@@ -238,8 +238,18 @@ fn refused(e: Error) -> Refused {
     }
 }
 
-fn broke(e: impl Into<anyhow::Error>) -> TestCaseError {
+pub(crate) fn broke(e: impl Into<anyhow::Error>) -> TestCaseError {
     TestCaseError::fail(format!("store error: {:#}", e.into()))
+}
+
+/// `t<i>` for the i-th id a test used, for readable traces.
+pub(crate) fn name(ids: &[TaskId], id: TaskId) -> String {
+    ids.iter().position(|x| *x == id).map_or_else(|| id.to_string(), |i| format!("t{i}"))
+}
+
+/// `text` with every known id written as its `t<i>` name.
+pub(crate) fn relabel(ids: &[TaskId], text: String) -> String {
+    ids.iter().enumerate().fold(text, |s, (i, id)| s.replace(&id.to_string(), &format!("t{i}")))
 }
 
 #[derive(Debug)]
@@ -276,14 +286,11 @@ impl Model {
     }
 
     fn name(&self, id: TaskId) -> String {
-        self.ids.iter().position(|x| *x == id).map_or_else(|| id.to_string(), |i| format!("t{i}"))
+        name(&self.ids, id)
     }
 
     fn relabel(&self, text: String) -> String {
-        self.ids
-            .iter()
-            .enumerate()
-            .fold(text, |s, (i, id)| s.replace(&id.to_string(), &format!("t{i}")))
+        relabel(&self.ids, text)
     }
 
     fn task(&mut self, id: TaskId) -> &mut ModelTask {

@@ -1,4 +1,5 @@
-//! Helpers the benchmarks share: process CPU time, medians, and `--name N` flags.
+//! Helpers the benchmarks share: process CPU time, medians, and `--name N` / `--name TEXT`
+//! flags.
 
 use anyhow::{Context, Result};
 
@@ -29,4 +30,10 @@ pub fn arg(name: &str, default: usize) -> Result<usize> {
             .with_context(|| format!("{name} needs a number")),
         None => Ok(default),
     }
+}
+
+/// The text after flag `name` on the command line, if given.
+pub fn text_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }

@@ -75,12 +75,11 @@ impl Node {
     }
 
     fn signal(&self, sig: &str) -> Result<()> {
-        let ok =
-            Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(self.pid().to_string())
-                .stderr(Stdio::null())
-                .status()?;
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .stderr(Stdio::null())
+            .status()?;
         if !ok.success() {
             bail!("kill -{sig} {} failed", self.pid());
         }

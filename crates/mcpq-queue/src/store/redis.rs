@@ -480,10 +480,14 @@ impl Store for RedisStore {
     ) -> Result<Vec<Event>> {
         let k = &self.keys(queue);
         let max = max.clamp(1, MAX_BATCH);
-        // the entry holding `after` may have events past it: read from it, inclusively
+        // the entry holding `after` may have events past it: read from it, inclusively, and one
+        // entry more, since that entry may have none past it and every later one has at least one
         let start = &after.map_or_else(|| "-".to_owned(), |id| id.entry());
+        let count = max + usize::from(after.is_some());
         let reply: StreamRangeReply = self
-            .retrying(|mut c| async move { Ok(c.xrange_count(&k.events, start, "+", max).await?) })
+            .retrying(
+                |mut c| async move { Ok(c.xrange_count(&k.events, start, "+", count).await?) },
+            )
             .await?;
         let mut out = self.expand(queue, &reply.ids, after, max)?;
         if let (true, Some(block)) = (out.is_empty(), block) {

@@ -471,9 +471,8 @@ impl<'t> Tx<'t> {
         self.streams.get_mut(queue).ok_or_else(|| Error::Corrupt("stream state lost".into()))
     }
 
-    /// Appends one stream entry at store time `now`; answers its id (as Redis streams number
-    /// entries: the time, or the last id's time with the next sequence when the clock has not
-    /// moved past it, so ids only grow). `events_max` bounds the entries kept.
+    /// Appends one stream entry at store time `now`; answers its id ([`next_entry_id`]).
+    /// `events_max` bounds the entries kept.
     pub(super) fn append(
         &mut self,
         queue: &QueueName,
@@ -483,7 +482,7 @@ impl<'t> Tx<'t> {
     ) -> Result<(u64, u64)> {
         self.dirty = true;
         let stream = self.stream(queue, events_max)?;
-        let id = if now > stream.last.0 { (now, 0) } else { (stream.last.0, stream.last.1 + 1) };
+        let id = next_entry_id(stream.last, now);
         stream.last = id;
         stream.entries += 1;
         stream.appended = true;
@@ -534,6 +533,13 @@ impl<'t> Tx<'t> {
         }
         Ok(woken)
     }
+}
+
+/// The id of the entry after `last` at store time `now`, as Redis streams number them: the
+/// time, or `last`'s time with the next sequence while the clock has not passed it (a clock
+/// stepped back included), so ids only grow.
+fn next_entry_id(last: (u64, u64), now: u64) -> (u64, u64) {
+    if now > last.0 { (now, 0) } else { (last.0, last.1.saturating_add(1)) }
 }
 
 /// The fields of one stream entry, encoded (see [`RawEntry`]); empty where absent.
@@ -782,4 +788,17 @@ fn pack<T: serde::Serialize>(has: bool, items: &[T]) -> Result<Vec<u8>> {
         return Ok(Vec::new());
     }
     rmp_serde::to_vec(items).map_err(|e| Error::Corrupt(format!("event field: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_grow_even_when_the_clock_steps_back() {
+        assert_eq!(next_entry_id((0, 0), 1000), (1000, 0));
+        assert_eq!(next_entry_id((1000, 0), 1000), (1000, 1));
+        assert_eq!(next_entry_id((1000, 1), 400), (1000, 2), "the clock stepped back");
+        assert_eq!(next_entry_id((1000, 2), 1001), (1001, 0));
+    }
 }

@@ -207,9 +207,8 @@ fn commit(db: &Database, ops: &mut Vec<Box<dyn Op>>) -> Result<Vec<QueueName>> {
         if let Some((i, e)) = broken {
             drop(tx);
             txn.abort().map_err(storage)?;
-            tracing::warn!(error = %e, "an embedded store operation failed halfway; its batch is redone without it");
-            let op = ops.remove(i);
-            let mut op = op;
+            tracing::warn!(error = %e, "a store operation failed halfway; batch redone without it");
+            let mut op = ops.remove(i);
             op.refuse(e);
             op.answer(None);
             continue;
