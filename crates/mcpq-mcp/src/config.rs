@@ -170,6 +170,9 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// Largest answer a server may be allowed (`max_response_bytes`): 16 MiB.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
 impl ServerConfig {
     /// A server at `url` with every other key at its default.
     pub fn new(name: impl Into<String>, url: impl Into<String>) -> Self {
@@ -230,10 +233,15 @@ impl ServerConfig {
                 return err(key, format!("{v} is out of range 1..={max}"));
             }
         }
-        if self.max_response_bytes < 1024 {
+        // the stores keep a result of up to 16 MiB with its task; a larger one could be
+        // written but no longer read back
+        if !(1024..=MAX_RESPONSE_BYTES).contains(&self.max_response_bytes) {
             return err(
                 "max_response_bytes",
-                format!("{} is too small; at least 1024", self.max_response_bytes),
+                format!(
+                    "{} is out of range 1024..={MAX_RESPONSE_BYTES} (results are stored with their task)",
+                    self.max_response_bytes
+                ),
             );
         }
         if let Auth::ApiKey { header, .. } = &self.auth

@@ -310,6 +310,8 @@ mod tests {
         assert_eq!(key_of(Config::from_toml(&format!("{one}{one}"))), "servers[1].name");
         let bad = "[[servers]]\nname = \"a\"\nurl = \"nope\"\n";
         assert_eq!(key_of(Config::from_toml(bad)), "servers[0].url");
+        let huge = format!("{one}max_response_bytes = 17000000\n");
+        assert_eq!(key_of(Config::from_toml(&huge)), "servers[0].max_response_bytes");
         let e = Config::from_toml(
             "[[servers]]\nname = \"a\"\nurl = \"http://h/\"\nmax_concurency = 3\n",
         )
