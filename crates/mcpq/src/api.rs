@@ -296,6 +296,13 @@ impl ApiError {
     }
 }
 
+/// A store error with the store's field names, which the task routes share.
+impl From<mcpq_queue::Error> for ApiError {
+    fn from(e: mcpq_queue::Error) -> Self {
+        Self::store(e, str::to_owned)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(ErrorBody { error: self.detail })).into_response()

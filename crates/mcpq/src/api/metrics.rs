@@ -23,7 +23,7 @@ pub(super) async fn render<S: Store>(
     family(&mut out, "mcpq_tasks", "gauge", "Tasks by queue and state.");
     let mut paused = Vec::new();
     for q in st.queues.iter() {
-        let s = st.store.stats(q).await.map_err(|e| ApiError::store(e, str::to_owned))?;
+        let s = st.store.stats(q).await?;
         for state in TaskState::ALL {
             let labels = [("queue", q.as_str()), ("state", state.as_str())];
             sample(&mut out, "mcpq_tasks", &labels, s.count(state) as f64);

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use mcpq_mcp::ServerConfig;
 use mcpq_queue::{
-    CancelOutcome, Enqueued, Error, NewTask, Queue, QueueName, Store, TaskId, TaskState,
+    CancelOutcome, Enqueued, Error, NewTask, Queue, QueueName, Store, Task, TaskId, TaskState,
 };
 
 use super::wire::{
@@ -178,7 +178,7 @@ pub(super) async fn create_batch<S: Store>(
     for (queue, tasks) in by_queue {
         let q = Queue::new(st.store.clone(), queue.clone());
         let news: Vec<NewTask> = tasks.iter().map(|(_, t)| t.clone()).collect();
-        let outcome = q.enqueue_many(&news).await.map_err(|e| ApiError::store(e, str::to_owned))?;
+        let outcome = q.enqueue_many(&news).await?;
         for ((i, task), result) in tasks.iter().zip(outcome) {
             items[*i] = Some(match result {
                 Enqueued::Created(_) => {
@@ -191,7 +191,7 @@ pub(super) async fn create_batch<S: Store>(
                         let field = format!("tasks[{i}].idempotency_key");
                         let err = match e {
                             Error::NotFound(_) => replay_gone(id, &field),
-                            other => ApiError::store(other, str::to_owned),
+                            other => ApiError::from(other),
                         };
                         BatchItem::Error { error: err.detail }
                     }
@@ -222,22 +222,30 @@ fn replay_gone(id: TaskId, field: &str) -> ApiError {
     .field(field)
 }
 
-/// Finds a task in the queue the request names, or in every served queue.
+/// The query of a `/v1/tasks/{id}…` route: `queue` and `extra`.
+fn task_params(q: QueryResult, extra: &[&str]) -> Result<Params, ApiError> {
+    let allowed: Vec<&str> = std::iter::once("queue").chain(extra.iter().copied()).collect();
+    Params::parse(q, &allowed)
+}
+
+/// The task a `/v1/tasks/{id}…` route names, as it is now, and the queue it is in: the one the
+/// query names, else the first served queue that has it.
 async fn locate<S: Store>(
     st: &ApiState<S>,
-    id: TaskId,
-    queue: Option<&str>,
-) -> Result<Queue<S>, ApiError> {
-    let candidates: Vec<QueueName> = match queue {
+    raw_id: &str,
+    p: &Params,
+) -> Result<(Queue<S>, Task), ApiError> {
+    let id = task_id(raw_id)?;
+    let candidates: Vec<QueueName> = match p.get("queue") {
         Some(q) => vec![st.queue(Some(q), "queue")?],
         None => st.queues.to_vec(),
     };
     for q in candidates {
-        if st.store.get(&q, id).await.map_err(|e| ApiError::store(e, str::to_owned))?.is_some() {
-            return Ok(Queue::new(st.store.clone(), q));
+        if let Some(task) = st.store.get(&q, id).await? {
+            return Ok((Queue::new(st.store.clone(), q), task));
         }
     }
-    Err(ApiError::store(Error::NotFound(id), str::to_owned))
+    Err(Error::NotFound(id).into())
 }
 
 pub(super) async fn get_one<S: Store>(
@@ -245,11 +253,8 @@ pub(super) async fn get_one<S: Store>(
     Path(id): Path<String>,
     q: QueryResult,
 ) -> Result<Json<TaskView>, ApiError> {
-    let p = Params::parse(q, &["queue"])?;
-    let id = task_id(&id)?;
-    let queue = locate(&st, id, p.get("queue")).await?;
-    let t = queue.get(id).await.map_err(|e| ApiError::store(e, str::to_owned))?;
-    Ok(Json(TaskView::of(&t)))
+    let (_, task) = locate(&st, &id, &task_params(q, &[])?).await?;
+    Ok(Json(TaskView::of(&task)))
 }
 
 pub(super) async fn wait<S: Store>(
@@ -257,12 +262,12 @@ pub(super) async fn wait<S: Store>(
     Path(id): Path<String>,
     q: QueryResult,
 ) -> Result<Json<TaskView>, ApiError> {
-    let p = Params::parse(q, &["queue", "timeout_ms"])?;
-    let id = task_id(&id)?;
+    let p = task_params(q, &["timeout_ms"])?;
     let timeout = p
         .number("timeout_ms", 0..=MAX_WAIT.as_millis() as u64)?
         .map_or(DEFAULT_WAIT, Duration::from_millis);
-    let queue = locate(&st, id, p.get("queue")).await?;
+    let (queue, task) = locate(&st, &id, &p).await?;
+    let id = task.id;
     let _permit = st.stream_permit()?;
     let waited = tokio::select! {
         r = queue.wait(id, timeout) => r,
@@ -271,10 +276,8 @@ pub(super) async fn wait<S: Store>(
     let t = match waited {
         Ok(t) => t,
         // at the timeout the task is answered as it is; its state says it is not done
-        Err(Error::Timeout) => {
-            queue.get(id).await.map_err(|e| ApiError::store(e, str::to_owned))?
-        }
-        Err(e) => return Err(ApiError::store(e, str::to_owned)),
+        Err(Error::Timeout) => queue.get(id).await?,
+        Err(e) => return Err(ApiError::from(e)),
     };
     Ok(Json(TaskView::of(&t)))
 }
@@ -284,16 +287,15 @@ pub(super) async fn cancel<S: Store>(
     Path(id): Path<String>,
     q: QueryResult,
 ) -> Result<Json<TaskView>, ApiError> {
-    let p = Params::parse(q, &["queue"])?;
-    let id = task_id(&id)?;
-    let queue = locate(&st, id, p.get("queue")).await?;
-    match queue.cancel(id).await.map_err(|e| ApiError::store(e, str::to_owned))? {
+    let (queue, task) = locate(&st, &id, &task_params(q, &[])?).await?;
+    let id = task.id;
+    match queue.cancel(id).await? {
         CancelOutcome::Cancelled { .. } => {}
         CancelOutcome::AlreadyFinished(state) => {
-            return Err(ApiError::store(Error::InvalidState { state }, str::to_owned));
+            return Err(Error::InvalidState { state }.into());
         }
     }
-    let t = queue.get(id).await.map_err(|e| ApiError::store(e, str::to_owned))?;
+    let t = queue.get(id).await?;
     Ok(Json(TaskView::of(&t)))
 }
 
@@ -302,11 +304,10 @@ pub(super) async fn retry<S: Store>(
     Path(id): Path<String>,
     q: QueryResult,
 ) -> Result<Json<TaskView>, ApiError> {
-    let p = Params::parse(q, &["queue"])?;
-    let id = task_id(&id)?;
-    let queue = locate(&st, id, p.get("queue")).await?;
-    queue.retry(id).await.map_err(|e| ApiError::store(e, str::to_owned))?;
-    let t = queue.get(id).await.map_err(|e| ApiError::store(e, str::to_owned))?;
+    let (queue, task) = locate(&st, &id, &task_params(q, &[])?).await?;
+    let id = task.id;
+    queue.retry(id).await?;
+    let t = queue.get(id).await?;
     Ok(Json(TaskView::of(&t)))
 }
 
@@ -324,10 +325,7 @@ pub(super) async fn list<S: Store>(
     };
     let limit = p.number("limit", 1..=MAX_PAGE)?.unwrap_or(DEFAULT_PAGE);
     let cursor = p.number("cursor", 0..=u64::from(u32::MAX))?.unwrap_or(0);
-    let page = Queue::new(st.store.clone(), queue)
-        .list(state, cursor, limit)
-        .await
-        .map_err(|e| ApiError::store(e, str::to_owned))?;
+    let page = Queue::new(st.store.clone(), queue).list(state, cursor, limit).await?;
     Ok(Json(TaskPage {
         tasks: page.tasks.iter().map(TaskView::of).collect(),
         next_cursor: page.next_cursor.map(|c| c.to_string()),
@@ -335,7 +333,7 @@ pub(super) async fn list<S: Store>(
 }
 
 async fn queue_view<S: Store>(st: &ApiState<S>, queue: QueueName) -> Result<QueueView, ApiError> {
-    let stats = st.store.stats(&queue).await.map_err(|e| ApiError::store(e, str::to_owned))?;
+    let stats = st.store.stats(&queue).await?;
     Ok(QueueView::of(queue.as_str(), &stats))
 }
 
@@ -367,7 +365,7 @@ async fn set_paused<S: Store>(
     paused: bool,
 ) -> Result<Json<QueueView>, ApiError> {
     let q = st.queue(Some(&queue), "queue")?;
-    st.store.set_paused(&q, paused).await.map_err(|e| ApiError::store(e, str::to_owned))?;
+    st.store.set_paused(&q, paused).await?;
     Ok(Json(queue_view(&st, q).await?))
 }
 
