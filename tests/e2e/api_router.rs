@@ -14,6 +14,7 @@ use tower::ServiceExt;
 
 struct Api {
     router: Router,
+    closing: CancellationToken,
     _redis: RedisServer,
 }
 
@@ -21,9 +22,9 @@ async fn api_with(cfg: ApiConfig) -> anyhow::Result<Api> {
     let redis = RedisServer::start()?;
     let store: RedisStore = redis.store(&[]).await?;
     let queues = vec![QueueName::default(), QueueName::new("bulk")?];
-    let state =
-        ApiState::new(store, queues, QueueConfigs::default(), None, cfg, CancellationToken::new());
-    Ok(Api { router: router(state), _redis: redis })
+    let closing = CancellationToken::new();
+    let state = ApiState::new(store, queues, QueueConfigs::default(), None, cfg, closing.clone());
+    Ok(Api { router: router(state), closing, _redis: redis })
 }
 
 async fn api() -> anyhow::Result<Api> {
@@ -470,5 +471,21 @@ async fn odd_but_valid_and_subtly_bad_requests() -> anyhow::Result<()> {
     bad(api.send(anon).await, 401, Some("Authorization"), "PUT without a token");
     let anon = Request::builder().uri("/v1/secret").body(Body::empty())?;
     bad(api.send(anon).await, 401, Some("Authorization"), "unknown route without a token");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wait_ends_when_the_api_closes() -> anyhow::Result<()> {
+    let api = api().await?;
+    let (s, v) = api
+        .call("POST", "/v1/tasks", Some(json!({"call": {"tool": "a"}, "delay_ms": 3_600_000})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let uri = format!("/v1/tasks/{}/wait?timeout_ms=600000", v["id"].as_str().unwrap_or_default());
+    api.closing.cancel();
+    let waited =
+        tokio::time::timeout(std::time::Duration::from_secs(10), api.call("GET", &uri, None)).await;
+    let (s, v) = waited.expect("a wait outlived the API's shutdown");
+    assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("scheduled")), "{v}");
     Ok(())
 }

@@ -205,8 +205,22 @@ async fn tasks_run_end_to_end_and_events_resume_from_last_event_id() -> Result<(
         Ok(want.iter().all(|w| text.contains(w)).then_some(()))
     })
     .await?;
+    // shutdown ends open event streams instead of waiting for them (waits: api_router)
+    let open = http.get(format!("{}/v1/events", r.base)).send().await?;
+    let mut body = open.bytes_stream();
+    // the stream is live (its opening message came) before the shutdown begins
+    tokio::time::timeout(Duration::from_secs(10), body.next()).await?.context("no opening")??;
     let report = r.shutdown().await?;
     ensure!(report.handed_back == 0, "{report:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    ensure!(ended.is_ok(), "the event stream stayed open after shutdown");
     Ok(())
 }
 
