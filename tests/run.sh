@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh Debian machine with only Rust installed: installs
-# what the tests start themselves (redis-server; node and npm for the MCP reference server) when
-# missing, then `cargo test --workspace`. Every test starts its own servers on 127.0.0.1 and
+# what the tests start themselves (redis-server; node and npm for the MCP reference server;
+# kill(1)) when missing, then `cargo test --workspace`. Every test starts its own servers on 127.0.0.1 and
 # stops them. Extra arguments go to cargo test (e.g. `bash tests/run.sh -- api_`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+# the fault tests signal processes with kill(1)
+command -v kill >/dev/null 2>&1 || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=()
   if [ "$(id -u)" -ne 0 ]; then
