@@ -79,6 +79,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    tasks_without_their_own_attempts_take_their_queues,
     claim_orders_by_priority_then_fifo,
     aging_lets_old_low_priority_tasks_overtake,
     delayed_tasks_wait_for_their_time,
@@ -227,6 +228,23 @@ async fn delayed_tasks_wait_for_their_time<B: Backend>() -> Result<()> {
     assert_eq!(c.task.id, soon);
     assert_eq!(state(s, late).await?, TaskState::Scheduled);
     assert!(s.claim(&q(), 10, HOUR).await?.is_empty());
+    Ok(())
+}
+
+async fn tasks_without_their_own_attempts_take_their_queues<B: Backend>() -> Result<()> {
+    let two = QueueConfig { max_attempts: 2, ..QueueConfig::default() };
+    let h = B::open(&[("default", two)]).await?;
+    let s = &h.store;
+    let own = tool(1).max_attempts(7);
+    let [_, id] = enqueue(s, &[own, tool(2)]).await?[..] else { unreachable!() };
+    let mut seen = Vec::new();
+    for c in s.claim(&q(), 2, HOUR).await? {
+        seen.push((n_of(&c), c.task.max_attempts));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [(1, 7), (2, 2)], "a task's own attempts win; others take the queue's");
+    let t = s.get(&q(), id).await?.expect("kept");
+    assert_eq!(t.max_attempts, 2);
     Ok(())
 }
 

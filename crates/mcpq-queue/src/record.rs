@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn decodes_header_spec_and_tail() {
         let t = NewTask::tool("echo", serde_json::json!({"x": 1}));
-        let spec = t.encode().unwrap().spec;
+        let spec = t.encode(5).unwrap().spec;
         let mut raw = header(4, spec.len() as u32);
         raw.extend_from_slice(&spec);
         let result = rmp_serde::to_vec_named(&serde_json::json!({"ok": true})).unwrap();
@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn rewrites_keep_the_spec_and_replace_header_or_tail() {
         let t = NewTask::tool("echo", serde_json::json!({"x": 1})).idempotent(true);
-        let spec = t.encode().unwrap().spec;
+        let spec = t.encode(5).unwrap().spec;
         let new = Head::new(TaskState::Queued, flags(true), 7, 3, &spec).unwrap();
         let raw = new.encode(&spec);
         let mut head = Head::read(t.id, &raw).unwrap();

@@ -285,8 +285,8 @@ pub struct NewTask {
     pub priority: i32,
     /// Where it may run.
     pub route: Route,
-    /// Attempts before it is dead (at least 1).
-    pub max_attempts: u16,
+    /// Attempts before it is dead (1 to 1000); `None`: the queue's `max_attempts`.
+    pub max_attempts: Option<u16>,
     /// Delay between attempts.
     pub backoff: Backoff,
     /// Limit for one attempt; the dispatcher's default when absent.
@@ -312,7 +312,7 @@ impl NewTask {
             call,
             priority: 0,
             route: Route::default(),
-            max_attempts: 5,
+            max_attempts: None,
             backoff: Backoff::default(),
             timeout: None,
             idempotent: false,
@@ -359,7 +359,7 @@ impl NewTask {
 
     /// Sets the number of attempts.
     pub fn max_attempts(mut self, n: u16) -> Self {
-        self.max_attempts = n;
+        self.max_attempts = Some(n);
         self
     }
 
@@ -408,17 +408,21 @@ impl NewTask {
     /// Checks every field as a store will, naming the field at fault (`call.name`,
     /// `timeout_ms`, …), without storing anything.
     pub fn validate(&self) -> Result<(), Error> {
-        self.encode().map(|_| ())
+        self.encode(1).map(|_| ())
     }
 
-    /// Checks and encodes a batch; an error names the offending task's index (`tasks[3].…`)
-    /// when there are several. Nothing reaches a store without this.
-    pub(crate) fn encode_all(tasks: &[NewTask]) -> Result<Vec<EncodedTask<'_>>, Error> {
+    /// Checks and encodes a batch for a queue whose tasks get `default_attempts` unless they
+    /// set their own; an error names the offending task's index (`tasks[3].…`) when there are
+    /// several. Nothing reaches a store without this.
+    pub(crate) fn encode_all(
+        tasks: &[NewTask],
+        default_attempts: u16,
+    ) -> Result<Vec<EncodedTask<'_>>, Error> {
         tasks
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                t.encode().map_err(|e| match e {
+                t.encode(default_attempts).map_err(|e| match e {
                     Error::Invalid(mut inv) if tasks.len() > 1 => {
                         inv.field = format!("tasks[{i}].{}", inv.field);
                         Error::Invalid(inv)
@@ -430,7 +434,7 @@ impl NewTask {
     }
 
     /// Checks every field and encodes the spec; nothing reaches a store without this.
-    pub(crate) fn encode(&self) -> Result<EncodedTask<'_>, Error> {
+    pub(crate) fn encode(&self, default_attempts: u16) -> Result<EncodedTask<'_>, Error> {
         check_name("call.name", self.call.target(), matches!(self.call, Call::Resource { .. }))?;
         match &self.call {
             Call::Tool { arguments, .. } => {
@@ -455,7 +459,8 @@ impl NewTask {
         for tag in &self.route.tags {
             check_name("tags", tag, false)?;
         }
-        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
+        let max_attempts = self.max_attempts.unwrap_or(default_attempts);
+        if max_attempts == 0 || max_attempts > MAX_ATTEMPTS {
             return Err(invalid("max_attempts", format!("must be 1 to {MAX_ATTEMPTS}")));
         }
         if self.backoff.initial_ms == 0 || self.backoff.initial_ms > self.backoff.max_ms {
@@ -507,7 +512,14 @@ impl NewTask {
                 format!("encodes to {} bytes; the limit is {MAX_TASK_BYTES}", bytes.len()),
             ));
         }
-        Ok(EncodedTask { id: self.id, priority: self.priority, delay_ms, spec: bytes, task: self })
+        Ok(EncodedTask {
+            id: self.id,
+            priority: self.priority,
+            max_attempts,
+            delay_ms,
+            spec: bytes,
+            task: self,
+        })
     }
 }
 
@@ -515,6 +527,8 @@ impl NewTask {
 pub(crate) struct EncodedTask<'a> {
     pub(crate) id: TaskId,
     pub(crate) priority: i32,
+    /// The task's own, or its queue's.
+    pub(crate) max_attempts: u16,
     pub(crate) delay_ms: u64,
     pub(crate) spec: Vec<u8>,
     pub(crate) task: &'a NewTask,
@@ -732,7 +746,7 @@ mod tests {
 
     #[test]
     fn encode_names_the_field_it_rejects() {
-        let field = |t: NewTask| match t.encode() {
+        let field = |t: NewTask| match t.encode(5) {
             Err(Error::Invalid(e)) => e.field,
             Err(other) => panic!("unexpected {other:?}"),
             Ok(_) => panic!("accepted"),
@@ -763,7 +777,7 @@ mod tests {
     #[test]
     fn a_plain_tool_call_encodes_small() {
         let t = NewTask::tool("noop", json!({}));
-        let enc = t.encode().unwrap();
+        let enc = t.encode(5).unwrap();
         assert!(enc.spec.len() <= 24, "{} bytes", enc.spec.len());
         let spec: Spec = rmp_serde::from_slice(&enc.spec).unwrap();
         assert_eq!(spec.call, t.call);

@@ -151,11 +151,11 @@ fn body_digest(priority: i32, max_attempts: u16, flags: u8, delay_ms: u64, spec:
 impl Store for EmbeddedStore {
     async fn enqueue(&self, queue: &QueueName, tasks: &[NewTask]) -> Result<Vec<Enqueued>> {
         // every task is checked before any is written
-        let staged: Vec<Staged> = NewTask::encode_all(tasks)?
+        let staged: Vec<Staged> = NewTask::encode_all(tasks, self.cfg(queue).max_attempts)?
             .into_iter()
             .map(|t| {
                 let flags = flags(t.task.idempotent);
-                let max_attempts = t.task.max_attempts;
+                let max_attempts = t.max_attempts;
                 let key = t.task.idempotency_key.clone().map(|k| {
                     (k, body_digest(t.priority, max_attempts, flags, t.delay_ms, &t.spec))
                 });

@@ -315,8 +315,8 @@ fn parse_entry(queue: &QueueName, entry: &StreamId) -> Result<Vec<Event>> {
 impl Store for RedisStore {
     async fn enqueue(&self, queue: &QueueName, tasks: &[NewTask]) -> Result<Vec<Enqueued>> {
         // every task is checked before any is written
-        let encoded = NewTask::encode_all(tasks)?;
         let (k, cfg) = (&self.keys(queue), self.cfg(queue));
+        let encoded = NewTask::encode_all(tasks, cfg.max_attempts)?;
         // re-sending the same ids is harmless: existing ids are answered, not re-created
         self.batched(&encoded, |mut c, chunk| async move {
             scripts::enqueue(&mut c, k, cfg, chunk).await

@@ -85,9 +85,7 @@ fn build<S: Store>(
     prefix: &str,
 ) -> Result<(QueueName, NewTask), ApiError> {
     let queue = st.queue(req.queue.as_deref(), &format!("{prefix}queue"))?;
-    let attempts = st.queue_cfg.get(&queue).max_attempts;
-    let task =
-        req.to_task(attempts).map_err(|(f, m)| ApiError::invalid(format!("{prefix}{f}"), m))?;
+    let task = req.to_task().map_err(|(f, m)| ApiError::invalid(format!("{prefix}{f}"), m))?;
     if let (Some(delay), Some(expires)) = (req.delay_ms, req.expires_ms)
         && expires <= delay
     {
@@ -132,13 +130,14 @@ pub(super) async fn create<S: Store>(
         if headers.contains_key("idempotency-key") { "Idempotency-Key" } else { "idempotency_key" };
     let rename = |f: &str| if f == "idempotency_key" { key_field.to_owned() } else { f.to_owned() };
     let q = Queue::new(st.store.clone(), queue.clone());
+    let attempts = st.queue_cfg.get(&queue).max_attempts;
     let outcome = q
         .enqueue_many(std::slice::from_ref(&task))
         .await
         .map_err(|e| ApiError::store(e, rename))?;
     match outcome.first() {
         Some(Enqueued::Created(_)) => {
-            Ok((StatusCode::CREATED, Json(TaskView::created(queue.as_str(), &task)))
+            Ok((StatusCode::CREATED, Json(TaskView::created(queue.as_str(), &task, attempts)))
                 .into_response())
         }
         Some(Enqueued::Existing(id)) => match q.get(*id).await {
@@ -177,12 +176,13 @@ pub(super) async fn create_batch<S: Store>(
     let mut items: Vec<Option<BatchItem>> = vec![None; req.tasks.len()];
     for (queue, tasks) in by_queue {
         let q = Queue::new(st.store.clone(), queue.clone());
+        let attempts = st.queue_cfg.get(&queue).max_attempts;
         let news: Vec<NewTask> = tasks.iter().map(|(_, t)| t.clone()).collect();
         let outcome = q.enqueue_many(&news).await?;
         for ((i, task), result) in tasks.iter().zip(outcome) {
             items[*i] = Some(match result {
                 Enqueued::Created(_) => {
-                    BatchItem::Task(Box::new(TaskView::created(queue.as_str(), task)))
+                    BatchItem::Task(Box::new(TaskView::created(queue.as_str(), task, attempts)))
                 }
                 Enqueued::Existing(id) => match q.get(id).await {
                     Ok(t) => BatchItem::Task(Box::new(TaskView::of(&t))),

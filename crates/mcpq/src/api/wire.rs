@@ -152,17 +152,17 @@ pub struct TaskRequest {
 }
 
 impl TaskRequest {
-    /// The task to enqueue, with `max_attempts` defaulting to `default_attempts`; or the
+    /// The task to enqueue (without `max_attempts` the store applies the queue's), or the
     /// field that is wrong and why. Range checks happen in the store, which names fields the
     /// same way.
-    pub fn to_task(&self, default_attempts: u16) -> Result<NewTask, (String, String)> {
+    pub fn to_task(&self) -> Result<NewTask, (String, String)> {
         let mut t = match self.call.to_call()? {
             Call::Tool { name, arguments } => NewTask::tool(name, arguments),
             Call::Resource { uri } => NewTask::resource(uri),
             Call::Prompt { name, arguments } => NewTask::prompt(name, arguments),
         };
         t = t.priority(self.priority.unwrap_or(0));
-        t = t.max_attempts(self.max_attempts.unwrap_or(default_attempts));
+        t.max_attempts = self.max_attempts;
         if let Some(server) = &self.server {
             t = t.server(server.clone());
         }
@@ -273,8 +273,9 @@ impl TaskView {
         }
     }
 
-    /// The view of a task just stored from `t` (queued, or scheduled when delayed).
-    pub fn created(queue: &str, t: &NewTask) -> Self {
+    /// The view of a task just stored from `t` (queued, or scheduled when delayed) in a queue
+    /// whose tasks get `default_attempts` unless they set their own.
+    pub fn created(queue: &str, t: &NewTask, default_attempts: u16) -> Self {
         let delayed = t.delay.is_some_and(|d| !d.is_zero());
         let state = if delayed { TaskState::Scheduled } else { TaskState::Queued };
         Self {
@@ -283,7 +284,7 @@ impl TaskView {
             state: state.as_str().to_owned(),
             priority: t.priority,
             attempt: 0,
-            max_attempts: t.max_attempts,
+            max_attempts: t.max_attempts.unwrap_or(default_attempts),
             server: None,
             call: CallSpec::from_call(&t.call),
             result: None,

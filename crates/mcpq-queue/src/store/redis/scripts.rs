@@ -128,7 +128,7 @@ pub(super) async fn enqueue<C: ConnectionLike>(
         };
         inv.arg(t.id.as_bytes().as_slice())
             .arg(t.priority)
-            .arg(t.task.max_attempts)
+            .arg(t.max_attempts)
             .arg(flags(t.task.idempotent))
             .arg(t.delay_ms)
             .arg(key_index)
