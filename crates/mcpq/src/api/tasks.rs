@@ -137,7 +137,7 @@ pub(super) async fn create<S: Store>(
         .map_err(|e| ApiError::store(e, rename))?;
     match outcome.first() {
         Some(Enqueued::Created(_)) => {
-            Ok((StatusCode::CREATED, Json(TaskView::created(queue.as_str(), &task, attempts)))
+            Ok((StatusCode::CREATED, Json(TaskView::created(&queue, &task, attempts)))
                 .into_response())
         }
         Some(Enqueued::Existing(id)) => match q.get(*id).await {
@@ -182,7 +182,7 @@ pub(super) async fn create_batch<S: Store>(
         for ((i, task), result) in tasks.iter().zip(outcome) {
             items[*i] = Some(match result {
                 Enqueued::Created(_) => {
-                    BatchItem::Task(Box::new(TaskView::created(queue.as_str(), task, attempts)))
+                    BatchItem::Task(Box::new(TaskView::created(&queue, task, attempts)))
                 }
                 Enqueued::Existing(id) => match q.get(id).await {
                     Ok(t) => BatchItem::Task(Box::new(TaskView::of(&t))),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mcpq_fleet::{Health, ServerStatus};
-use mcpq_queue::{Backoff, Call, NewTask, QueueStats, Strategy, Task, TaskState};
+use mcpq_queue::{Backoff, Call, NewTask, QueueName, QueueStats, Strategy, Task, TaskState};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -273,31 +273,33 @@ impl TaskView {
         }
     }
 
-    /// The view of a task just stored from `t` (queued, or scheduled when delayed) in a queue
-    /// whose tasks get `default_attempts` unless they set their own.
-    pub fn created(queue: &str, t: &NewTask, default_attempts: u16) -> Self {
+    /// The view of a task just stored from `t` (queued, or scheduled when delayed) in `queue`,
+    /// whose tasks get `default_attempts` unless they set their own: the stored task as the
+    /// store would answer it, without asking the store.
+    pub fn created(queue: &QueueName, t: &NewTask, default_attempts: u16) -> Self {
         let delayed = t.delay.is_some_and(|d| !d.is_zero());
-        let state = if delayed { TaskState::Scheduled } else { TaskState::Queued };
-        Self {
-            id: t.id.to_string(),
-            queue: queue.to_owned(),
-            state: state.as_str().to_owned(),
+        Self::of(&Task {
+            id: t.id,
+            queue: queue.clone(),
+            call: t.call.clone(),
             priority: t.priority,
-            attempt: 0,
+            route: t.route.clone(),
             max_attempts: t.max_attempts.unwrap_or(default_attempts),
+            backoff: t.backoff,
+            timeout: t.timeout,
+            idempotent: t.idempotent,
+            idempotency_key: t.idempotency_key.clone(),
+            expires: t.expires,
+            metadata: t.metadata.clone(),
+            state: if delayed { TaskState::Scheduled } else { TaskState::Queued },
+            attempt: 0,
             server: None,
-            call: CallSpec::from_call(&t.call),
             result: None,
             error: None,
-            created_at: rfc3339(t.id.created_at_ms()),
-            started_at: None,
-            finished_at: None,
-            idempotent: t.idempotent,
-            pinned_server: t.route.server.clone(),
-            tags: t.route.tags.clone(),
-            idempotency_key: t.idempotency_key.clone(),
-            metadata: t.metadata.clone(),
-        }
+            created_at_ms: t.id.created_at_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+        })
     }
 
     /// Whether the task is in a final state.
