@@ -19,6 +19,10 @@ struct Out {
 }
 
 async fn mcpq(args: &[&str]) -> Result<Out> {
+    mcpq_within(args, Duration::from_secs(60)).await
+}
+
+async fn mcpq_within(args: &[&str], limit: Duration) -> Result<Out> {
     let run = Command::new(BIN)
         .args(args)
         .env_remove("MCPQ_API")
@@ -26,7 +30,7 @@ async fn mcpq(args: &[&str]) -> Result<Out> {
         .env("MCPQ_LOG", "warn")
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run).await.context("mcpq hung")??;
+    let out = tokio::time::timeout(limit, run).await.context("mcpq hung")??;
     Ok(Out {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -214,6 +218,66 @@ async fn serve_refuses_bad_configuration_naming_the_key_or_line() -> Result<()> 
     }
     let o = mcpq(&["serve", "--config", "/nonexistent/mcpq.toml"]).await?;
     ensure!(o.code == 1 && o.stderr.contains("no such file"), "{}", o.stderr);
+    Ok(())
+}
+
+/// The benchmark's every measure, small: its report is complete and every task of every run
+/// is accounted for (figures are not checked: a debug build under test load says nothing).
+#[tokio::test]
+async fn bench_runs_every_measure_and_accounts_for_every_task() -> Result<()> {
+    let args = [
+        "bench",
+        "--json",
+        "--stores",
+        "redis,embedded",
+        "--servers",
+        "1,2",
+        "--tasks",
+        "300",
+        "--runs",
+        "1",
+        "--rates",
+        "100",
+        "--seconds",
+        "1",
+        "--depths",
+        "10,300",
+        "--depth-tasks",
+        "100",
+    ];
+    let o = mcpq_within(&args, Duration::from_secs(240)).await?;
+    ensure!(o.code == 0, "bench failed: {}\n{}", o.stdout, o.stderr);
+    let r = json(&o)?;
+    ensure!(r["lost"] == 0, "{r}");
+    let rows = |k: &str| r[k].as_array().cloned().unwrap_or_default();
+    let servers: Vec<u64> = rows("ceiling").iter().filter_map(|c| c["servers"].as_u64()).collect();
+    ensure!(servers == [1, 2], "a ceiling per number of servers: {r}");
+    ensure!(rows("ceiling").iter().all(|c| c["calls_per_s"].as_f64() > Some(0.0)), "{r}");
+    ensure!(rows("drain").len() == 4, "a drain per store and number of servers: {r}");
+    for d in rows("drain") {
+        let a = &d["runs"][0]["accounting"];
+        ensure!(a["tasks"] == 300 && a["succeeded"] == 300 && a["lost"] == 0, "{d}");
+        ensure!(a["duplicates"] == 0 && a["unfinished"] == 0, "{d}");
+        ensure!(d["tasks_per_s"].as_f64() > Some(0.0) && d["of_ceiling"].as_f64() > Some(0.0));
+        ensure!(d["mcpq_cpu_us_per_task"].as_f64() > Some(0.0), "{d}");
+        let redis = d["store"] == "redis";
+        ensure!(
+            d["redis_commands_per_task"].is_f64() == redis,
+            "Redis figures only for Redis: {d}"
+        );
+    }
+    ensure!(rows("steady").len() == 2, "steady with the most servers, per store: {r}");
+    for s in rows("steady") {
+        let a = &s["runs"][0]["accounting"];
+        ensure!(s["servers"] == 2 && a["tasks"] == 100 && a["succeeded"] == 100, "{s}");
+        ensure!(s["queued"]["p99_us"].as_f64() >= s["queued"]["p50_us"].as_f64(), "{s}");
+    }
+    let scale = rows("scale");
+    ensure!(scale.len() == 4, "scale per store and depth: {r}");
+    for s in scale {
+        ensure!(s["serve_rss_mib"].as_f64() > Some(1.0), "serve's memory was read: {s}");
+        ensure!(s["drain_tasks_per_s"].as_f64() > Some(0.0), "{s}");
+    }
     Ok(())
 }
 

@@ -57,6 +57,16 @@ enum Command {
     /// Run the whole system here with nothing to set up: embedded store, three MCP servers,
     /// a burst of tasks, one server killed mid-run; ends with a summary.
     Demo(crate::demo::DemoArgs),
+    /// Measure mcpq end to end on this machine: drain, steady rates, the ceiling of the MCP
+    /// servers, cost per task, and scale with queue depth (run a release build).
+    Bench(crate::bench::BenchArgs),
+    /// The echo servers `mcpq bench` runs in a child process.
+    #[command(hide = true)]
+    BenchEcho {
+        /// How many servers.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
+        servers: u8,
+    },
     /// Enqueue one task.
     Enqueue {
         #[command(flatten)]
@@ -227,6 +237,8 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+        Command::BenchEcho { servers } => crate::bench::echo_child(servers.into()).await,
         Command::Enqueue { task, remote } => enqueue(task, remote).await,
         Command::Task { id, remote } => {
             let api = Api::new(&remote.api, remote.token.clone())?;
@@ -514,7 +526,8 @@ fn init_tracing(cmd: &Command) {
     // its killed server makes rmcp log errors that are the point of the exercise
     let default = match cmd {
         Command::Serve { .. } => "info",
-        Command::Demo(_) => "error,rmcp=off",
+        Command::Demo(_) | Command::BenchEcho { .. } => "error,rmcp=off",
+        Command::Bench(_) => "warn,rmcp=off",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MCPQ_LOG")

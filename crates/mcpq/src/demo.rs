@@ -5,8 +5,6 @@
 //! server executed so duplicates are measured, not guessed.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,20 +13,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mcpq_fleet::{DispatchConfig, Fleet, FleetConfig, HealthConfig};
 use mcpq_mcp::ServerConfig;
 use mcpq_queue::{NewTask, Queue, QueueName, Store, TaskState};
-use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    JsonObject, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig as Info,
-    Tool, ToolAnnotations,
-};
-use rmcp::service::RequestContext;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde::Serialize;
-use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
-use tokio_util::sync::CancellationToken;
+use serde_json::json;
+
+use crate::local_server::{Calls, LocalServer, idempotent};
 
 /// How long the whole demo may take before it gives up and says so.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -109,7 +97,7 @@ pub async fn run_on<S: Store>(store: S, args: &DemoArgs) -> Result<Summary> {
     let started = Instant::now();
     let mut servers = Vec::new();
     for name in SERVERS {
-        servers.push(DemoServer::start(name).await?);
+        servers.push(LocalServer::start(name).await?);
     }
     let cfg = FleetConfig {
         node: "demo".to_owned(),
@@ -244,18 +232,6 @@ pub async fn run_on<S: Store>(store: S, args: &DemoArgs) -> Result<Summary> {
     })
 }
 
-/// Half the demo's tasks are safe to repeat: those with an even `n`.
-fn idempotent(n: u64) -> bool {
-    n.is_multiple_of(2)
-}
-
-/// What a server executed for one task.
-#[derive(Clone, Copy, Debug)]
-struct Calls {
-    count: u64,
-    idempotent: bool,
-}
-
 fn percentile(sorted: &[u64], p: usize) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -334,7 +310,7 @@ impl Bars {
         Self { multi, tasks, servers }
     }
 
-    fn update(&self, done: u64, fleet: &Fleet, servers: &[DemoServer]) {
+    fn update(&self, done: u64, fleet: &Fleet, servers: &[LocalServer]) {
         self.tasks.set_position(done);
         let status = fleet.servers();
         for (bar, demo) in self.servers.iter().zip(servers) {
@@ -362,172 +338,5 @@ impl Bars {
         for b in &self.servers {
             b.finish();
         }
-    }
-}
-
-/// An in-process MCP server with one tool, `work` (sleeps `ms`, answers `n`), that counts
-/// the calls it executes per mcpq task. It can be killed (open connections dropped) and
-/// brought back on the same port.
-struct DemoServer {
-    name: &'static str,
-    addr: SocketAddr,
-    calls: Arc<Mutex<HashMap<String, Calls>>>,
-    running: Mutex<Option<(JoinHandle<()>, CancellationToken)>>,
-}
-
-impl DemoServer {
-    async fn start(name: &'static str) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let s = Self { name, addr, calls: Arc::default(), running: Mutex::new(None) };
-        s.spawn(listener);
-        Ok(s)
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/mcp", self.addr)
-    }
-
-    fn calls(&self) -> HashMap<String, Calls> {
-        lock(&self.calls).clone()
-    }
-
-    fn spawn(&self, listener: TcpListener) {
-        let ct = CancellationToken::new();
-        let config = StreamableHttpServerConfig::default()
-            .with_cancellation_token(ct.child_token())
-            .with_legacy_session_mode(false)
-            .with_json_response(true);
-        let calls = self.calls.clone();
-        let service = StreamableHttpService::new(
-            move || Ok(WorkServer { calls: calls.clone() }),
-            Arc::new(LocalSessionManager::default()),
-            config,
-        );
-        let router = axum::Router::new().nest_service("/mcp", service);
-        *lock(&self.running) = Some((tokio::spawn(serve_connections(listener, router)), ct));
-    }
-
-    async fn stop(&self) {
-        let running = lock(&self.running).take();
-        if let Some((task, ct)) = running {
-            ct.cancel();
-            task.abort();
-            let _ = task.await;
-        }
-    }
-
-    async fn restart(&self) -> Result<()> {
-        self.stop().await;
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .with_context(|| format!("cannot bind {} again", self.addr))?;
-        self.spawn(listener);
-        Ok(())
-    }
-}
-
-impl Drop for DemoServer {
-    fn drop(&mut self) {
-        if let Some((task, ct)) = lock(&self.running).take() {
-            ct.cancel();
-            task.abort();
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // the data stays consistent: every critical section is a single insert or clone
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Serves `router` on `listener` with every connection owned by this task, so aborting the
-/// task drops open connections too — a killed process, not a graceful stop (`axum::serve`
-/// would leave them running).
-async fn serve_connections(listener: TcpListener, router: axum::Router) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // out of file descriptors, most likely: let connections finish
-                        tracing::warn!(error = %e, "demo server cannot accept");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let router = router.clone();
-                connections.spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let service = hyper_util::service::TowerToHyperService::new(router);
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(io, service)
-                    .await;
-                });
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
-#[derive(Clone)]
-struct WorkServer {
-    calls: Arc<Mutex<HashMap<String, Calls>>>,
-}
-
-impl ServerHandler for WorkServer {
-    fn get_info(&self) -> Info {
-        Info::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new("mcpq-demo", env!("CARGO_PKG_VERSION")))
-    }
-
-    async fn list_tools(
-        &self,
-        _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
-    ) -> Result<ListToolsResult, ErrorData> {
-        let schema: JsonObject = match json!({
-            "type": "object",
-            "properties": { "n": {"type": "integer"}, "ms": {"type": "integer", "minimum": 0} },
-        }) {
-            Value::Object(o) => o,
-            _ => JsonObject::new(),
-        };
-        let tool =
-            Tool::new("work", "Sleeps `ms` milliseconds, then answers `n`.", Arc::new(schema))
-                .with_annotations(ToolAnnotations::new().read_only(false));
-        Ok(ListToolsResult::with_all_items(vec![tool]))
-    }
-
-    async fn call_tool(
-        &self,
-        request: CallToolRequestParams,
-        context: RequestContext<RoleServer>,
-    ) -> Result<CallToolResponse, ErrorData> {
-        if request.name != "work" {
-            return Err(ErrorData::invalid_params(
-                format!("unknown tool `{}`", request.name),
-                None,
-            ));
-        }
-        let task =
-            context.meta.0.0.get("mcpq/task").and_then(Value::as_str).unwrap_or("-").to_owned();
-        let args = request.arguments.unwrap_or_default();
-        let n = args.get("n").and_then(Value::as_u64).unwrap_or(0);
-        lock(&self.calls)
-            .entry(task)
-            .or_insert(Calls { count: 0, idempotent: idempotent(n) })
-            .count += 1;
-        let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0).min(10_000);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-            _ = context.ct.cancelled() => return Err(ErrorData::internal_error("cancelled", None)),
-        }
-        Ok(CallToolResult::success(vec![ContentBlock::text(n.to_string())]).into())
     }
 }
