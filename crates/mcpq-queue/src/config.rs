@@ -10,12 +10,18 @@ use serde::Deserialize;
 use crate::error::InvalidInput;
 use crate::task::{MAX_ATTEMPTS, QueueName};
 
+/// Largest `store.cache_mb`: 64 GiB.
+const MAX_CACHE_MB: u64 = 65_536;
+
 /// `[store]`: where tasks live.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Directory of the embedded store (the default backend).
     pub path: PathBuf,
+    /// The embedded store's page cache, MiB: the most memory it keeps of its file, whatever
+    /// the queues' depth (redb's own default is 1 GiB).
+    pub cache_mb: u64,
     /// Redis URL (`redis://`, `rediss://` for TLS, `redis+unix://`); set it to use Redis.
     pub redis_url: Option<String>,
     /// Limit for connecting to the store.
@@ -28,6 +34,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("./mcpq-data"),
+            cache_mb: 32,
             redis_url: None,
             connect_timeout_ms: 5000,
             response_timeout_ms: 5000,
@@ -54,6 +61,12 @@ impl StoreConfig {
         if self.path.as_os_str().is_empty() {
             return Err(InvalidInput::new("store.path", "must not be empty"));
         }
+        if !(1..=MAX_CACHE_MB).contains(&self.cache_mb) {
+            return Err(InvalidInput::new(
+                "store.cache_mb",
+                format!("{} is out of range 1..={MAX_CACHE_MB}", self.cache_mb),
+            ));
+        }
         for (key, v) in [
             ("store.connect_timeout_ms", self.connect_timeout_ms),
             ("store.response_timeout_ms", self.response_timeout_ms),
@@ -63,6 +76,11 @@ impl StoreConfig {
             }
         }
         Ok(())
+    }
+
+    /// The embedded store's page cache in bytes.
+    pub fn cache_bytes(&self) -> usize {
+        usize::try_from(self.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
     }
 
     /// The connect timeout.
@@ -172,6 +190,12 @@ mod tests {
         assert_eq!(bad.validate().unwrap_err().field, "store.redis_url");
         let bad = StoreConfig { response_timeout_ms: 0, ..Default::default() };
         assert_eq!(bad.validate().unwrap_err().field, "store.response_timeout_ms");
+        let bad = StoreConfig { cache_mb: 0, ..Default::default() };
+        let e = bad.validate().unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("store.cache_mb", "0 is out of range 1..=65536")
+        );
         let ok = StoreConfig {
             redis_url: Some("redis://127.0.0.1:6379/0".into()),
             ..Default::default()

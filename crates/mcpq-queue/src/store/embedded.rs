@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redb::{Database, DatabaseError, ReadableDatabase};
+use redb::{Builder, Database, DatabaseError, ReadableDatabase};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
@@ -79,7 +79,10 @@ impl EmbeddedStore {
         let bad_path = |what: String| Error::Invalid(InvalidInput::new("store.path", what));
         std::fs::create_dir_all(&dir)
             .map_err(|e| bad_path(format!("cannot create directory {}: {e}", dir.display())))?;
-        let db = Database::create(dir.join(FILE_NAME)).map_err(|e| match e {
+        // redb keeps up to its cache of the file in memory (1 GiB by default): bounded here so
+        // memory does not grow with the queues' depth
+        let db = Builder::new().set_cache_size(cfg.cache_bytes()).create(dir.join(FILE_NAME));
+        let db = db.map_err(|e| match e {
             DatabaseError::DatabaseAlreadyOpen => bad_path(format!(
                 "{} is in use by another process (its database is locked); stop that process \
                  or choose another directory",
