@@ -7,7 +7,7 @@
 //! embedded store the file's growth per task (every commit of it is synced to disk).
 //!
 //! `cargo bench -p mcpq-tests --bench queue [-- --store redis|embedded|both --dir PATH
-//! --tasks N --runs N --workers N --batch N --enqueue-batch N --verbose]`
+//! --cache-mb N --tasks N --runs N --workers N --batch N --enqueue-batch N --verbose]`
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mcpq_queue::{Completion, EmbeddedStore, NewTask, QueueName, Store};
+use mcpq_queue::{Completion, EmbeddedStore, NewTask, QueueConfigs, QueueName, Store, StoreConfig};
 use mcpq_tests::RedisServer;
 use mcpq_tests::bench::{arg, median, own_cpu_s, text_arg};
 use serde_json::{Value, json};
@@ -246,18 +246,26 @@ async fn run_redis(n: usize, shape: Shape) -> Result<Vec<f64>> {
     ])
 }
 
+/// Where the embedded store lives: its parent directory (the temporary one by default) and its
+/// page cache.
+struct Place {
+    parent: Option<String>,
+    cache_mb: u64,
+}
+
 fn file_size(dir: &std::path::Path) -> Result<f64> {
     Ok(std::fs::metadata(dir.join("mcpq.redb"))?.len() as f64)
 }
 
 /// One run against a fresh embedded store: the figures of [`EMBEDDED_COLS`].
-async fn run_embedded(n: usize, shape: Shape, parent: Option<&str>) -> Result<Vec<f64>> {
-    let tmp = match parent {
+async fn run_embedded(n: usize, shape: Shape, place: &Place) -> Result<Vec<f64>> {
+    let tmp = match &place.parent {
         Some(p) => tempfile::tempdir_in(p)?,
         None => tempfile::tempdir()?,
     };
     let dir = tmp.path().join("store");
-    let store = EmbeddedStore::open_path(&dir)?;
+    let cfg = StoreConfig { path: dir.clone(), cache_mb: place.cache_mb, ..Default::default() };
+    let store = EmbeddedStore::open(&cfg, QueueConfigs::default())?;
     let q = QueueName::default();
     let size0 = file_size(&dir)?;
 
@@ -346,14 +354,20 @@ fn main() -> Result<()> {
         )?;
     }
     if which != "redis" {
-        let parent = text_arg("--dir");
-        let place = parent.as_deref().unwrap_or("the temporary directory");
+        let place = Place {
+            parent: text_arg("--dir"),
+            cache_mb: arg("--cache-mb", StoreConfig::default().cache_mb as usize)? as u64,
+        };
+        let dir = place.parent.as_deref().unwrap_or("the temporary directory");
         table(
-            &format!("mcpq-queue embedded store (durable commits) in {place}, {setup}"),
+            &format!(
+                "mcpq-queue embedded store (durable commits, {} MiB cache) in {dir}, {setup}",
+                place.cache_mb
+            ),
             EMBEDDED_COLS,
             runs,
             "cpu µs: this process's CPU per task during the cycle, writer thread included",
-            || rt.block_on(run_embedded(n, shape, parent.as_deref())),
+            || rt.block_on(run_embedded(n, shape, &place)),
         )?;
     }
     Ok(())
