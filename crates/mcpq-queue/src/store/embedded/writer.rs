@@ -101,6 +101,8 @@ impl Wakers {
     pub(super) fn subscribe(&self, queue: &QueueName) -> watch::Receiver<u64> {
         // a poisoned lock only means a thread panicked around a plain map insert
         let mut map = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        // any queue name may be read from, so queues nobody waits on any more are forgotten
+        map.retain(|_, tx| tx.receiver_count() > 0);
         map.entry(queue.clone()).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
@@ -218,4 +220,28 @@ fn commit(db: &Database, ops: &mut Vec<Box<dyn Op>>) -> Result<Vec<QueueName>> {
         return Ok(woken);
     }
     Err(Error::Corrupt("a batch kept failing halfway".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakers_forget_queues_nobody_waits_on() {
+        let wakers = Wakers::default();
+        let names: Vec<QueueName> =
+            (0..100).map(|i| QueueName::new(format!("q{i}")).unwrap()).collect();
+        for q in &names {
+            drop(wakers.subscribe(q));
+        }
+        let mut kept = wakers.subscribe(&names[0]);
+        let _other = wakers.subscribe(&names[1]);
+        assert_eq!(wakers.queues.lock().unwrap().len(), 2);
+        wakers.wake(std::slice::from_ref(&names[0]));
+        assert!(kept.has_changed().unwrap());
+        kept.mark_unchanged();
+        let _again = wakers.subscribe(&names[2]);
+        wakers.wake(std::slice::from_ref(&names[0]));
+        assert!(kept.has_changed().unwrap(), "a queue still waited on keeps its channel");
+    }
 }
