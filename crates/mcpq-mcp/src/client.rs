@@ -7,6 +7,7 @@
 //! The HTTP exchange itself lives in `client/http.rs`, the legacy handshake in
 //! `client/legacy_link.rs`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,6 +99,9 @@ pub struct McpClient {
 
 struct Inner {
     cfg: ServerConfig,
+    /// `cfg.url`, parsed once rather than per request (`None` if invalid: requests then fail
+    /// the way reqwest fails them).
+    url: Option<reqwest::Url>,
     http: reqwest::Client,
     auth: Authenticator,
     next_id: AtomicU64,
@@ -140,7 +144,8 @@ fn initialize_params(version: &str) -> Value {
 /// The parts of one exchange that a caller chooses.
 struct Exchange<'a> {
     method: &'a str,
-    params: Value,
+    /// Borrowed where a request may be sent again (it is serialized, never changed).
+    params: Cow<'a, Value>,
     /// `Mcp-Name`: the tool, prompt or resource a stateless request is about.
     name: Option<&'a str>,
     /// A notification expects no answer.
@@ -152,6 +157,7 @@ struct Exchange<'a> {
 impl<'a> Exchange<'a> {
     /// A request without headers or a name.
     fn request(method: &'a str, params: Value) -> Self {
+        let params = Cow::Owned(params);
         Self { method, params, name: None, notification: false, headers: Vec::new() }
     }
 
@@ -173,6 +179,7 @@ impl McpClient {
         let auth = Authenticator::new(cfg.auth.clone(), http.clone());
         Ok(Self {
             inner: Arc::new(Inner {
+                url: reqwest::Url::parse(&cfg.url).ok(),
                 cfg,
                 http,
                 auth,
@@ -380,7 +387,7 @@ impl McpClient {
         params: Value,
         name: Option<&str>,
     ) -> Outcome<Value> {
-        let mut current = params.clone();
+        let mut current = Cow::Borrowed(&params);
         let mut rounds = 0;
         let mut relisted = false;
         loop {
@@ -392,8 +399,8 @@ impl McpClient {
             } else {
                 Vec::new()
             };
-            let ex =
-                Exchange { method, params: current.clone(), name, notification: false, headers };
+            let params_now = Cow::Borrowed(current.as_ref());
+            let ex = Exchange { method, params: params_now, name, notification: false, headers };
             let reply = self.exchange(&Link::Stateless, &ex).await;
             match reply.outcome {
                 Outcome::Executed(Ok(result)) if input::is_input_required(&result) => {
@@ -407,7 +414,7 @@ impl McpClient {
                             data: Some(result),
                         }));
                     }
-                    current = input::retry_params(&params, &result);
+                    current = Cow::Owned(input::retry_params(&params, &result));
                 }
                 Outcome::NotDelivered { .. }
                     if method == "tools/call"

@@ -203,7 +203,7 @@ async fn read_stream(
                     tracing::warn!(bytes = ev.data.len(), "SSE message over the size cap dropped");
                     continue;
                 }
-                let Ok(msg) = serde_json::from_str::<Value>(&ev.data) else { continue };
+                let Ok(mut msg) = serde_json::from_str::<Value>(&ev.data) else { continue };
                 if msg.get("method").and_then(Value::as_str) == Some(crate::client::TOOLS_CHANGED) {
                     tools_changed.store(true, Ordering::Release);
                 }
@@ -211,7 +211,7 @@ async fn read_stream(
                 if msg.get("method").is_some() {
                     continue;
                 }
-                let outcome = crate::client::answer_to(&msg, id)
+                let outcome = crate::client::answer_to(&mut msg, id)
                     .unwrap_or_else(|| Outcome::ambiguous("unreadable answer"));
                 if let Some(tx) = waiters.lock().await.remove(&id) {
                     let _ = tx.send(outcome);

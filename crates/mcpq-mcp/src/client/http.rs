@@ -48,8 +48,8 @@ impl McpClient {
     pub(super) async fn exchange(&self, link: &Link, ex: &Exchange<'_>) -> Reply {
         let cfg = &self.inner.cfg;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let body = match serde_json::to_vec(&body_of(ex, id)) {
-            Ok(b) => b,
+        let body = match body_of(ex, id) {
+            Ok(b) => bytes::Bytes::from(b),
             Err(e) => {
                 return Reply::bare(Outcome::not_delivered(format!("cannot encode request: {e}")));
             }
@@ -156,12 +156,14 @@ impl McpClient {
         &self,
         link: &Link,
         ex: &Exchange<'_>,
-        body: Vec<u8>,
+        body: bytes::Bytes,
     ) -> Result<(reqwest::RequestBuilder, u64), Outcome<Value>> {
-        let mut req = self
-            .inner
-            .http
-            .post(&self.inner.cfg.url)
+        let http = &self.inner.http;
+        let req = match &self.inner.url {
+            Some(url) => http.post(url.clone()),
+            None => http.post(&self.inner.cfg.url),
+        };
+        let mut req = req
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json, text/event-stream")
             .body(body);
@@ -270,7 +272,7 @@ impl McpClient {
             }
         }
         match serde_json::from_slice::<Value>(&body) {
-            Ok(msg) => answer_to(&msg, id)
+            Ok(mut msg) => answer_to(&mut msg, id)
                 .unwrap_or_else(|| Outcome::ambiguous("the response answers another request")),
             Err(e) => Outcome::ambiguous(format!("malformed JSON-RPC response: {e}")),
         }
@@ -306,11 +308,11 @@ impl McpClient {
                 if event.data.is_empty() {
                     continue;
                 }
-                let msg = match serde_json::from_str::<Value>(&event.data) {
+                let mut msg = match serde_json::from_str::<Value>(&event.data) {
                     Ok(msg) => msg,
                     Err(e) => return Ok(Outcome::ambiguous(format!("malformed event data: {e}"))),
                 };
-                if let Some(o) = answer_to(&msg, id) {
+                if let Some(o) = answer_to(&mut msg, id) {
                     return Ok(o);
                 }
                 let method = msg.get("method").and_then(Value::as_str);
@@ -413,20 +415,72 @@ pub(super) fn stops_probing(reason: &str) -> bool {
     is_unreachable(reason) || reason.starts_with(NO_CREDENTIALS)
 }
 
-/// The JSON-RPC body of `ex` under `id`. A tool call asks for progress notifications, with its
-/// id as the token: each one restarts the idle limit of a streamed answer.
-pub(super) fn body_of(ex: &Exchange<'_>, id: u64) -> Value {
-    let mut body = json!({ "jsonrpc": "2.0", "method": ex.method, "params": ex.params });
-    if !ex.notification {
-        body["id"] = json!(id);
-        if ex.method == "tools/call"
-            && let Some(params) = body["params"].as_object_mut()
-            && let Some(meta) = params.entry("_meta").or_insert_with(|| json!({})).as_object_mut()
-        {
-            meta.entry("progressToken").or_insert(json!(id));
-        }
+/// The JSON-RPC body of `ex` under `id`, serialized from the borrowed params (no copy of
+/// them). A tool call asks for progress notifications, with its id as the token: each one
+/// restarts the idle limit of a streamed answer.
+pub(super) fn body_of(ex: &Exchange<'_>, id: u64) -> serde_json::Result<Vec<u8>> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        jsonrpc: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        method: &'a str,
+        params: WithProgress<'a>,
     }
-    body
+    let progress = (!ex.notification && ex.method == "tools/call").then_some(id);
+    serde_json::to_vec(&Body {
+        jsonrpc: "2.0",
+        id: (!ex.notification).then_some(id),
+        method: ex.method,
+        params: WithProgress { params: &ex.params, token: progress },
+    })
+}
+
+/// Request params with `_meta.progressToken` set to `token` unless they carry one (or a
+/// `_meta` that is not an object, or are not an object themselves).
+struct WithProgress<'a> {
+    params: &'a Value,
+    token: Option<u64>,
+}
+
+impl serde::Serialize for WithProgress<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (Some(token), Value::Object(params)) = (self.token, self.params) else {
+            return self.params.serialize(s);
+        };
+        let meta = match params.get("_meta") {
+            None => None,
+            Some(Value::Object(m)) if !m.contains_key("progressToken") => Some(m),
+            Some(_) => return self.params.serialize(s),
+        };
+        let mut out = s.serialize_map(Some(params.len() + usize::from(meta.is_none())))?;
+        for (k, v) in params {
+            if k != "_meta" {
+                out.serialize_entry(k, v)?;
+            }
+        }
+        out.serialize_entry("_meta", &MetaWithToken { meta, token })?;
+        out.end()
+    }
+}
+
+struct MetaWithToken<'a> {
+    meta: Option<&'a Map<String, Value>>,
+    token: u64,
+}
+
+impl serde::Serialize for MetaWithToken<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let n = self.meta.map_or(0, Map::len) + 1;
+        let mut out = s.serialize_map(Some(n))?;
+        for (k, v) in self.meta.into_iter().flatten() {
+            out.serialize_entry(k, v)?;
+        }
+        out.serialize_entry("progressToken", &self.token)?;
+        out.end()
+    }
 }
 
 /// The full error chain, for reasons people read.
@@ -539,12 +593,12 @@ pub(super) fn classify_status(
 }
 
 /// The outcome carried by `msg` if it is the response to `id`.
-pub(crate) fn answer_to(msg: &Value, id: u64) -> Option<Outcome<Value>> {
+pub(crate) fn answer_to(msg: &mut Value, id: u64) -> Option<Outcome<Value>> {
     if msg.get("id").and_then(Value::as_u64) != Some(id) || msg.get("method").is_some() {
         return None;
     }
-    if let Some(result) = msg.get("result") {
-        return Some(Outcome::Executed(Ok(result.clone())));
+    if let Some(result) = msg.get_mut("result") {
+        return Some(Outcome::Executed(Ok(result.take())));
     }
     match msg.get("error").map(|e| serde_json::from_value::<RpcError>(e.clone())) {
         Some(Ok(e)) => Some(Outcome::Executed(Err(e))),
@@ -613,21 +667,21 @@ mod tests {
     #[test]
     fn answers_match_their_request_id() {
         assert_eq!(
-            answer_to(&json!({"jsonrpc": "2.0", "id": 3, "result": {"x": 1}}), 3),
+            answer_to(&mut json!({"jsonrpc": "2.0", "id": 3, "result": {"x": 1}}), 3),
             Some(Outcome::Executed(Ok(json!({"x": 1}))))
         );
-        assert_eq!(answer_to(&json!({"jsonrpc": "2.0", "id": 4, "result": {}}), 3), None);
+        assert_eq!(answer_to(&mut json!({"jsonrpc": "2.0", "id": 4, "result": {}}), 3), None);
         assert_eq!(
-            answer_to(&json!({"jsonrpc": "2.0", "method": "notifications/progress"}), 3),
+            answer_to(&mut json!({"jsonrpc": "2.0", "method": "notifications/progress"}), 3),
             None
         );
         let err = answer_to(
-            &json!({"jsonrpc": "2.0", "id": 3, "error": {"code": -32601, "message": "no"}}),
+            &mut json!({"jsonrpc": "2.0", "id": 3, "error": {"code": -32601, "message": "no"}}),
             3,
         );
         assert!(matches!(err, Some(Outcome::Executed(Err(RpcError { code: -32601, .. })))));
         assert!(matches!(
-            answer_to(&json!({"jsonrpc": "2.0", "id": 3}), 3),
+            answer_to(&mut json!({"jsonrpc": "2.0", "id": 3}), 3),
             Some(Outcome::Ambiguous { .. })
         ));
     }
@@ -647,5 +701,31 @@ mod tests {
         let s = Link::Session(Session { id: None, version: SESSION_VERSION.into() });
         let p = with_meta(json!({}), &CallMeta::default(), &s);
         assert!(p.get("_meta").is_none());
+    }
+
+    #[test]
+    fn bodies_ask_tool_calls_for_progress_without_overriding_a_token() {
+        let body = |ex: &Exchange<'_>| -> Value {
+            serde_json::from_slice(&body_of(ex, 7).unwrap()).unwrap()
+        };
+        let call = |params| Exchange::request("tools/call", params);
+        assert_eq!(
+            body(&call(json!({"name": "echo", "arguments": {"a": 1}}))),
+            json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                   "params": {"name": "echo", "arguments": {"a": 1}, "_meta": {"progressToken": 7}}})
+        );
+        let b = body(&call(json!({"name": "echo", "_meta": {"mcpq/task": "t"}})));
+        assert_eq!(b["params"]["_meta"], json!({"mcpq/task": "t", "progressToken": 7}));
+        let b = body(&call(json!({"name": "echo", "_meta": {"progressToken": "mine"}})));
+        assert_eq!(b["params"]["_meta"], json!({"progressToken": "mine"}), "kept");
+        let b = body(&call(json!({"name": "echo", "_meta": 3})));
+        assert_eq!(b["params"]["_meta"], 3, "a _meta that is no object is left alone");
+        let b = body(&Exchange::request("resources/read", json!({"uri": "u"})));
+        assert_eq!(b["params"], json!({"uri": "u"}), "only tool calls ask for progress");
+        let b = body(&Exchange::notification("notifications/initialized", json!({})));
+        assert_eq!(
+            b,
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized", "params": {}})
+        );
     }
 }

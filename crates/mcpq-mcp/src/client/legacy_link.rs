@@ -80,13 +80,16 @@ impl McpClient {
         ex: &Exchange<'_>,
     ) -> Outcome<Value> {
         let id = link.stream.next_id();
-        let body = body_of(ex, id);
+        let body = match body_of(ex, id) {
+            Ok(b) => bytes::Bytes::from(b),
+            Err(e) => return Outcome::not_delivered(format!("cannot encode request: {e}")),
+        };
         let answer = if ex.notification { None } else { Some(link.stream.expect(id).await) };
         let deadline = Instant::now() + self.inner.cfg.request_timeout();
         let mut refreshed = false;
         let sent = loop {
-            let req =
-                self.inner.http.post(url).header(CONTENT_TYPE, "application/json").json(&body);
+            let req = self.inner.http.post(url).header(CONTENT_TYPE, "application/json");
+            let req = req.body(body.clone());
             let (req, token) = match self.inner.auth.apply(req).await {
                 Ok(r) => r,
                 Err(reason) => break Outcome::not_delivered(reason),
