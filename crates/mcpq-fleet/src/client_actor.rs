@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mcpq_mcp::{
@@ -54,6 +55,8 @@ pub(crate) struct ClientState {
     client: Arc<McpClient>,
     shared: Arc<Shared>,
     breaker: Breaker,
+    /// Mirrors [`Breaker::is_quiet`] for the calls: a plain success need not be reported.
+    quiet: Arc<AtomicBool>,
     bucket: Option<TokenBucket>,
     paused_until: Option<Instant>,
     probe_timeout: Duration,
@@ -87,6 +90,7 @@ impl Actor for ClientActor {
             client: Arc::new(client),
             shared: args.shared,
             breaker: Breaker::new(args.breaker),
+            quiet: Arc::default(),
             bucket,
             paused_until: None,
             probe_timeout: args.probe_timeout,
@@ -146,6 +150,7 @@ impl Actor for ClientActor {
                     st.set_available(false);
                     myself.send_after(st.breaker.open_for(), || ClientMsg::HalfOpen);
                 }
+                st.quiet.store(st.breaker.is_quiet(), Ordering::Release);
             }
             ClientMsg::HalfOpen => {
                 if st.breaker.try_half_open(Instant::now()) {
@@ -158,6 +163,7 @@ impl Actor for ClientActor {
             }
             ClientMsg::Probed(ok) => {
                 st.breaker.probed(ok, Instant::now());
+                st.quiet.store(st.breaker.is_quiet(), Ordering::Release);
                 if st.breaker.allows() {
                     tracing::info!(server = %st.name, "circuit breaker closed");
                     let paused = st.paused_until.is_some_and(|p| p > Instant::now());
@@ -228,6 +234,7 @@ impl ClientState {
         let wait = self.bucket.as_mut().map_or(Duration::ZERO, |b| b.take(Instant::now()));
         let limit = task.timeout.unwrap_or(self.default_timeout);
         let (client, shared, name) = (self.client.clone(), self.shared.clone(), self.name.clone());
+        let quiet = self.quiet.clone();
         let (go, ready) = tokio::sync::oneshot::channel::<AbortHandle>();
         let run = tokio::spawn(async move {
             let Ok(abort) = ready.await else { return };
@@ -266,8 +273,11 @@ impl ClientState {
             }
             shared.ledger().finish(task.id, Settle::Attempt { server: name, outcome });
             shared.pump();
-            // a restarted actor starts with a fresh breaker; the report may be lost then
-            let _ = myself.send_message(ClientMsg::Finished { ok, retry_after });
+            // a success the breaker would not notice is not reported: one message less per call
+            if ok != Some(true) || retry_after.is_some() || !quiet.load(Ordering::Acquire) {
+                // a restarted actor starts with a fresh breaker; the report may be lost then
+                let _ = myself.send_message(ClientMsg::Finished { ok, retry_after });
+            }
         });
         // cannot fail unless the task ended already, and it waits for this
         let _ = go.send(run.abort_handle());

@@ -42,6 +42,13 @@ impl Breaker {
         self.state
     }
 
+    /// Closed with a full window of successes: recording one more changes nothing.
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.state == BreakerState::Closed
+            && self.failures == 0
+            && self.window.len() == self.cfg.window as usize
+    }
+
     /// Whether a call may go out now.
     pub(crate) fn allows(&self) -> bool {
         self.state == BreakerState::Closed
@@ -172,6 +179,26 @@ mod tests {
         }
         assert!(!b.record(false, t0), "1 failure in the last 4");
         assert!(b.record(false, t0), "2 failures in the last 4");
+    }
+
+    #[test]
+    fn breaker_is_quiet_only_with_a_full_window_of_successes() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(cfg());
+        for _ in 0..3 {
+            b.record(true, t0);
+            assert!(!b.is_quiet(), "a window not yet full still counts successes");
+        }
+        b.record(true, t0);
+        assert!(b.is_quiet());
+        b.record(false, t0);
+        assert!(!b.is_quiet(), "a failure in the window");
+        for _ in 0..3 {
+            b.record(true, t0);
+            assert!(!b.is_quiet(), "the failure is still in the window");
+        }
+        b.record(true, t0);
+        assert!(b.is_quiet(), "the failure slid out");
     }
 
     #[test]

@@ -492,8 +492,17 @@ impl Shared {
         lock(&self.refs).clients.get(name).cloned()
     }
 
-    /// Tells the HealthMonitor what a call or probe showed.
+    /// Tells the HealthMonitor what a call or probe showed. An answer from a server that is
+    /// online with no failure counted would change nothing: no message (one per call else).
     pub(crate) fn observe(&self, server: &str, ok: bool, reason: String) {
+        if ok
+            && self
+                .servers()
+                .iter()
+                .any(|s| s.cfg.name == server && s.health == Health::Online && s.failures == 0)
+        {
+            return;
+        }
         if let Some(h) = self.health_ref() {
             // a dead monitor misses one observation; the next probe tells again
             let _ = h.send_message(HealthMsg::Observed { server: server.to_owned(), ok, reason });
