@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mcpq_mcp::Outcome;
 use mcpq_queue::{
-    Call, Claimed, Completion, Disposition, Failure, QueueName, Release, Settled, Store, Task,
-    TaskId, TaskState,
+    Call, Claimed, Completion, Disposition, EventId, EventKind, Failure, QueueName, Release,
+    Settled, Store, Task, TaskId, TaskState,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::SeedableRng;
@@ -187,8 +187,12 @@ impl<S: Store> Actor for WorkQueue<S> {
     }
 }
 
-/// Wakes the WorkQueue when a queue it found empty gets an event (a task enqueued, released,
-/// queued again): armed by the WorkQueue, it waits on the event stream once, then rings.
+/// Wakes the WorkQueue when a queue it found empty gets an event that may have made a task
+/// ready (enqueued, released, promoted, …; not the starts and finishes the WorkQueue itself
+/// writes). Armed by the WorkQueue after a short claim, it reads the queue's events from its
+/// own cursor, so an event written between that claim and the arming is not missed; at most
+/// one ring per such event. Far behind (a drain went by while it slept), it jumps to the
+/// stream's end and rings once: the claim that follows sees whatever came before.
 async fn doorbell<S: Store>(
     store: S,
     queue: QueueName,
@@ -196,6 +200,8 @@ async fn doorbell<S: Store>(
     wq: ActorRef<WorkQueueMsg>,
     poll: Duration,
 ) {
+    const BACKLOG: usize = 1000;
+    let mut cursor: Option<Option<EventId>> = None;
     loop {
         tokio::select! {
             _ = bell.notified() => {}
@@ -207,28 +213,55 @@ async fn doorbell<S: Store>(
                 continue;
             }
         }
-        let after = match store.last_event_id(&queue).await {
-            Ok(id) => id,
-            Err(_) => {
-                // the slow poll covers for the doorbell while the store is away
-                tokio::time::sleep(poll).await;
-                continue;
+        // armed: until a ring
+        loop {
+            if wq.get_status() == ractor::ActorStatus::Stopped {
+                return;
             }
-        };
-        // bounded wait: the slow poll is the backstop, so a ring after at most ~1 s is enough
-        match store.read_events(&queue, after, 1, Some(Duration::from_secs(1))).await {
-            Ok(events) if events.is_empty() => {
-                // nothing yet; stay armed
-                bell.notify_one();
+            let Some(after) = cursor else {
+                match store.last_event_id(&queue).await {
+                    Ok(end) => cursor = Some(end),
+                    // the slow poll covers for the doorbell while the store is away
+                    Err(_) => tokio::time::sleep(poll).await,
+                }
+                // read before the claim this ring causes: nothing falls between them
+                if cursor.is_some() {
+                    break;
+                }
                 continue;
+            };
+            // bounded wait: the slow poll is the backstop, so a ring after at most ~1 s is enough
+            match store.read_events(&queue, after, BACKLOG, Some(Duration::from_secs(1))).await {
+                Ok(events) if events.len() == BACKLOG => cursor = None,
+                Ok(events) => {
+                    if let Some(last) = events.last() {
+                        cursor = Some(Some(last.id));
+                    }
+                    if events.iter().any(|e| may_make_work(e.kind)) {
+                        break;
+                    }
+                }
+                Err(_) => tokio::time::sleep(poll).await,
             }
-            Ok(_) => {}
-            Err(_) => tokio::time::sleep(poll).await,
         }
         if wq.send_message(WorkQueueMsg::Pump).is_err() {
             return;
         }
     }
+}
+
+/// Whether an event may have made a task claimable. Starts and finishes cannot: the WorkQueue
+/// writes most of them itself.
+fn may_make_work(kind: EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::TaskStarted
+            | EventKind::TaskSucceeded
+            | EventKind::TaskFailed
+            | EventKind::TaskDead
+            | EventKind::TaskReview
+            | EventKind::TaskCancelled
+    )
 }
 
 /// What to write to the store for a finished task.
