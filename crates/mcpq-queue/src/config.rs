@@ -34,7 +34,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("./mcpq-data"),
-            cache_mb: 32,
+            cache_mb: 16,
             redis_url: None,
             connect_timeout_ms: 5000,
             response_timeout_ms: 5000,
