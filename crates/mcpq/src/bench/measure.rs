@@ -11,6 +11,7 @@ use mcpq_fleet::{Fleet, FleetConfig};
 use mcpq_mcp::{CallMeta, McpClient, Outcome, ServerConfig};
 use mcpq_queue::{Completion, EventKind, NewTask, Queue, QueueName, Store, TaskId};
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use super::procs::{EchoChild, RedisProc, RedisSample, own_cpu_s, own_memory, reset_peak_memory};
@@ -283,7 +284,8 @@ where
     Ok(out)
 }
 
-/// Direct calls at a fixed rate, spread over the servers in turn.
+/// Direct calls at a fixed rate, spread over the servers in turn, at most [`concurrency`] in
+/// flight per server as the fleet has (beyond that a call waits for a slot, and the wait counts).
 pub(crate) async fn steady_direct(
     clients: &[Arc<McpClient>],
     rate: u32,
@@ -291,10 +293,13 @@ pub(crate) async fn steady_direct(
 ) -> Result<Latency> {
     let n = (f64::from(rate) * duration.as_secs_f64()) as u64;
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<Arc<Semaphore>> =
+        clients.iter().map(|_| Arc::new(Semaphore::new(concurrency()))).collect();
     let lat = open_loop(rate, n, |at| {
-        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let c = clients[i % clients.len()].clone();
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % clients.len();
+        let (c, slots) = (clients[i].clone(), slots[i].clone());
         async move {
+            let _slot = slots.acquire_owned().await?;
             call(&c).await?;
             Ok(at.elapsed())
         }
