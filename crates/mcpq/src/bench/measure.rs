@@ -257,8 +257,9 @@ async fn finished(fleet: &Fleet, n: u64, deadline: Instant) {
     }
 }
 
-/// Starts `op(i, at)` for i in 0..n at `at` = t0 + i / rate, in 1 ms steps; answers what
-/// each one answered. Latencies count from `at`, so a late start is the system's delay too.
+/// Starts `op(at)` n times, the i-th due at `at` = t0 + i / rate (started in 1 ms steps);
+/// answers what each one answered. Latencies count from `at`, so a late start is the system's
+/// delay too.
 async fn open_loop<T, F, Fut>(rate: u32, n: u64, op: F) -> Result<Vec<T>>
 where
     T: Send + 'static,
