@@ -176,13 +176,8 @@ pub(crate) struct EchoChild {
 impl EchoChild {
     /// Starts `servers` echo servers in a child process (this same binary).
     pub(crate) async fn start(servers: usize) -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this program to run it again")?;
-        let mut child = Command::new(exe)
-            .args(["bench-echo", "--servers", &servers.to_string()])
-            .env("MCPQ_LOG", "error")
+        let mut child = this_program(&["bench-echo", "--servers", &servers.to_string()], "error")?
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .context("cannot start the echo servers' process")?;
         let stdin = child.stdin.take().context("echo child stdin")?;
@@ -223,6 +218,14 @@ impl EchoChild {
     }
 }
 
+/// This program again with `args`, logging at `log`, its stdout piped, killed when dropped.
+fn this_program(args: &[&str], log: &str) -> Result<Command> {
+    let exe = std::env::current_exe().context("cannot find this program to run it again")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).env("MCPQ_LOG", log).stdout(Stdio::piped()).kill_on_drop(true);
+    Ok(cmd)
+}
+
 /// The child's side: serves `servers` echo servers, prints their URLs and `ready`, answers
 /// `count` with the calls executed, and ends when stdin closes.
 pub(crate) async fn echo_child(servers: usize) -> Result<()> {
@@ -253,14 +256,9 @@ pub(crate) struct ServeChild {
 impl ServeChild {
     /// Starts `mcpq serve --config config` and waits for its ready line.
     pub(crate) async fn start(config: &Path) -> Result<Self> {
-        let exe = std::env::current_exe().context("cannot find this program to run it again")?;
-        let mut child = Command::new(exe)
-            .args(["serve", "--config"])
+        let mut child = this_program(&["serve", "--config"], "warn")?
             .arg(config)
-            .env("MCPQ_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .context("cannot start mcpq serve")?;
         let mut lines = BufReader::new(child.stdout.take().context("serve stdout")?).lines();
@@ -332,7 +330,8 @@ pub(crate) fn own_memory() -> Result<Memory> {
 /// Starts a new peak-memory window for this process (Linux: `clear_refs` 5 resets VmHWM).
 pub(crate) fn reset_peak_memory() {
     if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
-        tracing::debug!(error = %e, "cannot reset the peak RSS; the peak covers the whole run");
+        // the figure would then be the whole process's peak: say so rather than mislead
+        tracing::warn!(error = %e, "cannot reset the peak RSS; peak figures cover the whole run");
     }
 }
 
