@@ -360,7 +360,7 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One queue's writes of a settle round, with the ledger entries to put back on failure.
+/// One queue's writes of a settle round, with the ledger entries of their tasks.
 #[derive(Default)]
 struct Batch {
     complete: Vec<Completion>,
@@ -371,11 +371,95 @@ struct Batch {
     release_of: Vec<(TaskId, Entry)>,
 }
 
+impl Batch {
+    /// One write per kind that has tasks: completions, failures, releases.
+    fn into_writes(self, queue: QueueName) -> Vec<Write> {
+        let kinds = [
+            (Items::Complete(self.complete), self.complete_of),
+            (Items::Fail(self.fail), self.fail_of),
+            (Items::Release(self.release), self.release_of),
+        ];
+        kinds
+            .into_iter()
+            .filter(|(_, entries)| !entries.is_empty())
+            .map(|(items, entries)| Write { queue: queue.clone(), items, entries })
+            .collect()
+    }
+}
+
+/// One store write of a settle round: a queue, one kind of write, and the ledger entries of
+/// its tasks (put back if the write fails).
+struct Write {
+    queue: QueueName,
+    items: Items,
+    entries: Vec<(TaskId, Entry)>,
+}
+
+enum Items {
+    Complete(Vec<Completion>),
+    Fail(Vec<Failure>),
+    Release(Vec<Release>),
+}
+
+impl Items {
+    /// The decisions again, for a write the store did not take.
+    fn into_decisions(self) -> Vec<Decision> {
+        match self {
+            Self::Complete(v) => v
+                .into_iter()
+                .map(|c| Decision::Complete { server: c.server, result: c.result })
+                .collect(),
+            Self::Fail(v) => v
+                .into_iter()
+                .map(|f| Decision::Fail {
+                    server: f.server,
+                    error: f.error,
+                    disposition: f.disposition,
+                })
+                .collect(),
+            Self::Release(v) => v
+                .into_iter()
+                .map(|r| Decision::Release { delay: r.delay, reason: r.reason })
+                .collect(),
+        }
+    }
+}
+
+/// Sends the writes of a round, one after another (they are few: usually one batch of
+/// completions), and answers each with what the store said.
+async fn write_all<S: Store>(
+    store: &S,
+    writes: Vec<Write>,
+) -> Vec<(Write, mcpq_queue::Result<Vec<Settled>>)> {
+    let mut out = Vec::with_capacity(writes.len());
+    for w in writes {
+        let r = match &w.items {
+            Items::Complete(v) => store.complete(&w.queue, v).await,
+            Items::Fail(v) => store.fail(&w.queue, v).await,
+            Items::Release(v) => store.release(&w.queue, v).await,
+        };
+        out.push((w, r));
+    }
+    out
+}
+
 impl<S: Store> WorkQueueState<S> {
+    /// One round: records what finished and claims for the free slots in one go (the writes
+    /// and the claim travel together, so a round waits for one round trip, not two), then
+    /// places what came.
     async fn pump(&mut self, myself: &ActorRef<WorkQueueMsg>) {
         self.shared.pumped();
-        self.settle().await;
-        if self.draining.is_some() || self.stopped {
+        let writes = self.decide_done();
+        let stopping = self.draining.is_some() || self.stopped;
+        // tasks parked for a busy server go to the slots that freed before any waiting
+        let mut settled_here = !stopping && self.place();
+        let credits = if stopping { 0 } else { self.credits() };
+        let (recorded, claimed) =
+            tokio::join!(write_all(&self.store, writes), self.claim_for(credits));
+        for w in recorded {
+            self.recorded(w);
+        }
+        if stopping {
             if self.shared.ledger().len() == 0
                 && let Some(mut d) = self.draining.take()
             {
@@ -386,8 +470,24 @@ impl<S: Store> WorkQueueState<S> {
             }
             return;
         }
-        self.place();
-        let mut credits = self.credits();
+        let (claimed, more) = claimed;
+        for (i, tasks) in claimed {
+            settled_here |= self.admit(&self.queues[i].clone(), tasks);
+        }
+        self.next_queue = self.next_queue.wrapping_add(1);
+        settled_here |= self.place();
+        if more {
+            let _ = myself.send_message(WorkQueueMsg::Pump);
+        } else if settled_here {
+            // expiries and tasks no server can take are recorded by the next round, at once
+            self.shared.pump();
+        }
+    }
+
+    /// Claims up to `credits` tasks, visiting the queues in turn; answers the claims per queue
+    /// index, and whether a queue had more than was asked of it.
+    async fn claim_for(&self, mut credits: usize) -> (Vec<(usize, Vec<Claimed>)>, bool) {
+        let mut out = Vec::new();
         let mut more = false;
         let n = self.queues.len();
         for k in 0..n {
@@ -409,15 +509,9 @@ impl<S: Store> WorkQueueState<S> {
             } else {
                 self.bells[i].notify_one();
             }
-            self.admit(&self.queues[i].clone(), claimed);
+            out.push((i, claimed));
         }
-        self.next_queue = self.next_queue.wrapping_add(1);
-        self.place();
-        // expiries and tasks no server can take are recorded now, not on the next wake-up
-        self.settle().await;
-        if more {
-            let _ = myself.send_message(WorkQueueMsg::Pump);
-        }
+        (out, more)
     }
 
     /// Free slots on servers that take calls; none while a batch of claimed tasks waits for
@@ -440,33 +534,37 @@ impl<S: Store> WorkQueueState<S> {
         (free as usize).saturating_sub(ledger.parked())
     }
 
-    fn admit(&mut self, queue: &QueueName, claimed: Vec<Claimed>) {
+    /// Adds claimed tasks to the ledger; answers whether it finished any (expired ones).
+    fn admit(&mut self, queue: &QueueName, claimed: Vec<Claimed>) -> bool {
         Counters::add(&self.shared.counters.claimed, claimed.len() as u64);
         let now = now_ms();
         let mut ledger = self.shared.ledger();
+        let mut finished = false;
         for c in claimed {
             let id = c.task.id;
             let expired = c.task.is_expired(now);
             ledger.insert(id, Entry::new(queue.clone(), c.task, c.token));
             if expired {
                 Counters::add(&self.shared.counters.expired, 1);
-                ledger.finish(
+                finished |= ledger.finish(
                     id,
                     Settle::Expire { reason: "expired before an attempt could start".to_owned() },
                 );
             }
         }
+        finished
     }
 
     /// Routes parked tasks: to a server's actor, back to the store to wait, or left parked
     /// while every server that could take them is busy.
-    fn place(&mut self) {
+    fn place(&mut self) -> bool {
         let servers = self.shared.servers();
         let mut ledger = self.shared.ledger();
         let ids = ledger.parked_ids();
         if ids.is_empty() {
-            return;
+            return false;
         }
+        let mut finished = false;
         let clients: Vec<Option<ActorRef<ClientMsg>>> =
             servers.iter().map(|s| self.shared.client(&s.cfg.name)).collect();
         // one view of the fleet for the whole round, kept in step with each dispatch
@@ -521,7 +619,8 @@ impl<S: Store> WorkQueueState<S> {
                             reason: "client actor stopped".to_owned(),
                             retry_after: None,
                         };
-                        ledger.finish(id, Settle::Attempt { server: name.clone(), outcome });
+                        finished |=
+                            ledger.finish(id, Settle::Attempt { server: name.clone(), outcome });
                         views[i].in_flight -= 1;
                     }
                 }
@@ -529,7 +628,8 @@ impl<S: Store> WorkQueueState<S> {
                 Err(Wait::AllBusy) if waited < Duration::from_millis(self.cfg.wait_ms) => {}
                 Err(Wait::AllBusy) => {
                     let reason = "every server that can take it stayed busy".to_owned();
-                    ledger.finish(id, Settle::Release { delay: Duration::ZERO, reason });
+                    finished |=
+                        ledger.finish(id, Settle::Release { delay: Duration::ZERO, reason });
                 }
                 Err(why) => {
                     let reason = match (why, &task.route.server, &task.call) {
@@ -551,113 +651,82 @@ impl<S: Store> WorkQueueState<S> {
                     } else {
                         Settle::Release { delay: Duration::from_millis(self.cfg.wait_ms), reason }
                     };
-                    ledger.finish(id, settle);
+                    finished |= ledger.finish(id, settle);
                 }
             }
         }
+        finished
     }
 
-    /// Records finished tasks, a batch per queue and kind of write. A write that fails keeps
-    /// its tasks in the ledger for the next round.
-    async fn settle(&mut self) {
+    /// Classifies the finished tasks the ledger holds and takes them out of it, as store
+    /// writes: one per queue and kind of write.
+    fn decide_done(&mut self) -> Vec<Write> {
         let done = self.shared.ledger().take_done();
         if done.is_empty() {
-            return;
+            return Vec::new();
         }
         let mut batches: HashMap<QueueName, Batch> = HashMap::new();
-        {
-            let servers = self.shared.servers();
-            for (id, mut entry) in done {
-                let Phase::Done(settle) = std::mem::replace(&mut entry.phase, Phase::Parked) else {
-                    continue;
-                };
-                let safe = |server: &str| {
-                    let Call::Tool { name, .. } = &entry.task.call else { return false };
-                    servers.iter().any(|s| {
-                        s.cfg.name == server
-                            && s.tools.as_ref().is_some_and(|t| t.safe.contains(name))
-                    })
-                };
-                let repeatable = entry.task.idempotent
-                    || matches!(&settle, Settle::Attempt { server, .. } if safe(server));
-                let mut refusals = 0;
-                if let Settle::Attempt { server, outcome: Outcome::NotDelivered { .. } } = &settle {
-                    let e = self.avoid.entry(id).or_insert((String::new(), Instant::now(), 0));
-                    e.2 += 1;
-                    (e.0, e.1, refusals) = (server.clone(), Instant::now(), e.2);
+        let servers = self.shared.servers();
+        for (id, mut entry) in done {
+            let Phase::Done(settle) = std::mem::replace(&mut entry.phase, Phase::Parked) else {
+                continue;
+            };
+            let safe = |server: &str| {
+                let Call::Tool { name, .. } = &entry.task.call else { return false };
+                servers.iter().any(|s| {
+                    s.cfg.name == server && s.tools.as_ref().is_some_and(|t| t.safe.contains(name))
+                })
+            };
+            let repeatable = entry.task.idempotent
+                || matches!(&settle, Settle::Attempt { server, .. } if safe(server));
+            let mut refusals = 0;
+            if let Settle::Attempt { server, outcome: Outcome::NotDelivered { .. } } = &settle {
+                let e = self.avoid.entry(id).or_insert((String::new(), Instant::now(), 0));
+                e.2 += 1;
+                (e.0, e.1, refusals) = (server.clone(), Instant::now(), e.2);
+            }
+            let token = entry.token;
+            let refused =
+                Refused { count: refusals, max_delay: Duration::from_millis(self.cfg.wait_ms) };
+            let decision = decide(settle, &entry.task, repeatable, refused, &mut self.rng);
+            if matches!(decision, Decision::Fail { .. }) {
+                self.avoid.remove(&id);
+            }
+            let b = batches.entry(entry.queue.clone()).or_default();
+            match decision {
+                Decision::Complete { server, result } => {
+                    b.complete.push(Completion { id, token, server, result });
+                    b.complete_of.push((id, entry));
                 }
-                let b = batches.entry(entry.queue.clone()).or_default();
-                let token = entry.token;
-                let refused =
-                    Refused { count: refusals, max_delay: Duration::from_millis(self.cfg.wait_ms) };
-                let decision = decide(settle, &entry.task, repeatable, refused, &mut self.rng);
-                if matches!(decision, Decision::Fail { .. }) {
-                    self.avoid.remove(&id);
+                Decision::Fail { server, error, disposition } => {
+                    b.fail.push(Failure { id, token, server, error, disposition });
+                    b.fail_of.push((id, entry));
                 }
-                match decision {
-                    Decision::Complete { server, result } => {
-                        b.complete.push(Completion { id, token, server, result });
-                        b.complete_of.push((id, entry));
-                    }
-                    Decision::Fail { server, error, disposition } => {
-                        b.fail.push(Failure { id, token, server, error, disposition });
-                        b.fail_of.push((id, entry));
-                    }
-                    Decision::Release { delay, reason } => {
-                        b.release.push(Release { id, token, delay, reason });
-                        b.release_of.push((id, entry));
-                    }
+                Decision::Release { delay, reason } => {
+                    b.release.push(Release { id, token, delay, reason });
+                    b.release_of.push((id, entry));
                 }
             }
         }
-        for (queue, b) in batches {
-            if !b.complete.is_empty() {
-                let r = self.store.complete(&queue, &b.complete).await;
-                let back = b
-                    .complete
-                    .into_iter()
-                    .map(|c| Decision::Complete { server: c.server, result: c.result });
-                self.recorded(&queue, r, b.complete_of, back, false);
-            }
-            if !b.fail.is_empty() {
-                let r = self.store.fail(&queue, &b.fail).await;
-                let back = b.fail.into_iter().map(|f| Decision::Fail {
-                    server: f.server,
-                    error: f.error,
-                    disposition: f.disposition,
-                });
-                self.recorded(&queue, r, b.fail_of, back, false);
-            }
-            if !b.release.is_empty() {
-                let r = self.store.release(&queue, &b.release).await;
-                if r.is_ok() {
-                    Counters::add(&self.shared.counters.released, b.release.len() as u64);
-                }
-                let back = b
-                    .release
-                    .into_iter()
-                    .map(|r| Decision::Release { delay: r.delay, reason: r.reason });
-                self.recorded(&queue, r, b.release_of, back, true);
-            }
-        }
+        batches.into_iter().flat_map(|(queue, b)| b.into_writes(queue)).collect()
     }
 
-    fn recorded(
-        &mut self,
-        queue: &QueueName,
-        result: mcpq_queue::Result<Vec<Settled>>,
-        entries: Vec<(TaskId, Entry)>,
-        decisions: impl Iterator<Item = Decision>,
-        released: bool,
-    ) {
+    /// Takes in what the store answered to a write. A write that failed puts its tasks back in
+    /// the ledger, decided, for the next round.
+    fn recorded(&mut self, (w, result): (Write, mcpq_queue::Result<Vec<Settled>>)) {
         let c = &self.shared.counters;
+        let queue = &w.queue;
+        let released = matches!(w.items, Items::Release(_));
         match result {
             Ok(settled) => {
+                if released {
+                    Counters::add(&c.released, settled.len() as u64);
+                }
                 if let Some(d) = self.draining.as_mut() {
                     d.report.finished += settled.len();
                 }
                 let now_ms = now_ms();
-                for ((id, entry), s) in entries.iter().zip(settled) {
+                for ((id, entry), s) in w.entries.iter().zip(settled) {
                     if !matches!(s, Settled::Applied(TaskState::Queued | TaskState::Scheduled)) {
                         self.avoid.remove(id);
                     }
@@ -689,11 +758,12 @@ impl<S: Store> WorkQueueState<S> {
                 }
             }
             Err(e) => {
-                tracing::warn!(queue = %queue, error = %e, tasks = entries.len(),
+                tracing::warn!(queue = %queue, error = %e, tasks = w.entries.len(),
                     "could not record outcomes; keeping them for the next round");
-                let back = entries
+                let back = w
+                    .entries
                     .into_iter()
-                    .zip(decisions)
+                    .zip(w.items.into_decisions())
                     .map(|((id, mut entry), d)| {
                         entry.phase = Phase::Done(Settle::Decided(d));
                         (id, entry)
