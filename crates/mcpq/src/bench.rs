@@ -8,10 +8,12 @@ mod measure;
 mod procs;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use mcpq_mcp::McpClient;
 use mcpq_queue::{EmbeddedStore, Queue, QueueConfigs, QueueName, RedisStore, StoreConfig};
 use serde::Serialize;
 
@@ -140,7 +142,7 @@ struct DrainRow {
     servers: usize,
     tasks: u64,
     tasks_per_s: f64,
-    /// Drain rate over the ceiling with as many servers.
+    /// Median over the runs of a drain's rate over the rate of the ceiling run just before it.
     of_ceiling: f64,
     mcpq_cpu_us_per_task: f64,
     server_cpu_us_per_task: f64,
@@ -286,7 +288,7 @@ async fn measure_all(args: &BenchArgs) -> Result<Report> {
         for &kind in &args.stores {
             let mut backend = Backend::start(kind, &args.redis_server).await?;
             if drain {
-                let row = drain_row(args, &mut backend, &mut echo, k, &report.ceiling).await?;
+                let row = drain_row(args, &mut backend, &mut echo, &clients).await?;
                 report.lost += row.runs.iter().map(|r| r.accounting.lost).sum::<u64>();
                 report.drain.push(row);
             }
@@ -375,16 +377,19 @@ macro_rules! on_fresh_store {
     };
 }
 
+/// Drains, each right after a ceiling run of its own to be set against.
 async fn drain_row(
     args: &BenchArgs,
     backend: &mut Backend,
     echo: &mut EchoChild,
-    k: usize,
-    ceiling: &[CeilingRow],
+    clients: &[Arc<McpClient>],
 ) -> Result<DrainRow> {
     let kind = backend.kind();
+    let k = clients.len();
     let mut runs = Vec::new();
     for run in 1..=args.runs {
+        progress(format_args!("drain, {}, {k} servers, run {run}: its ceiling", kind.label()));
+        let top = measure::ceiling(clients, echo, args.tasks as usize).await?.calls_per_s;
         progress(format_args!("drain, {}, {k} servers, run {run}", kind.label()));
         let name = format!("drain-{k}-{run}");
         let urls = echo.urls.clone();
@@ -393,16 +398,14 @@ async fn drain_row(
             measure::drain(store, &urls, echo, redis, args.tasks).await?
         });
         check(&r.accounting, "drain")?;
-        runs.push(r);
+        runs.push(DrainRun { ceiling_calls_per_s: top, of_ceiling: r.tasks_per_s / top, ..r });
     }
-    let tasks_per_s = median_of(&runs, |r| r.tasks_per_s);
-    let top = ceiling.iter().find(|c| c.servers == k).map_or(f64::NAN, |c| c.calls_per_s);
     Ok(DrainRow {
         store: kind,
         servers: k,
         tasks: args.tasks,
-        tasks_per_s,
-        of_ceiling: tasks_per_s / top,
+        tasks_per_s: median_of(&runs, |r| r.tasks_per_s),
+        of_ceiling: median_of(&runs, |r| r.of_ceiling),
         mcpq_cpu_us_per_task: median_of(&runs, |r| r.mcpq_cpu_us_per_task),
         server_cpu_us_per_task: median_of(&runs, |r| r.server_cpu_us_per_task),
         redis_cpu_us_per_task: median_opt(&runs, |r| r.redis_cpu_us_per_task),
@@ -659,6 +662,7 @@ fn print_report(r: &Report) {
                 d.peak_rss_mib
             ));
         }
+        out("  ×ceil: each drain over a ceiling run just before it, the median of those ratios;");
         out("  µs: CPU per task of mcpq (this process), the servers and Redis; cmds: Redis");
         out("  commands per task, scripts' included; trips: client round trips per task");
     }
