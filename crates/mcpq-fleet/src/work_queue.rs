@@ -1,6 +1,6 @@
 //! The WorkQueue: claims as many tasks as online servers have free slots (credit-based, in
 //! batches), routes each one, hands it to the server's ClientActor, and records every outcome
-//! in the store in batches: executed → complete or fail; not delivered → released at once
+//! in the store in batches sent together with its next claim: executed → complete or fail; not delivered → released at once
 //! (that server avoided next time); ambiguous → retried with backoff when repeating is safe,
 //! else parked in review. It renews its leases every third of a lease, queues due tasks and
 //! takes back expired leases (any replica does), and wakes on completions, on a doorbell that
@@ -41,7 +41,7 @@ pub struct DrainReport {
 /// Messages of the WorkQueue.
 #[derive(Debug)]
 pub(crate) enum WorkQueueMsg {
-    /// Record what finished, then claim and dispatch for the free slots.
+    /// Record what finished and claim for the free slots (both at once), then dispatch.
     Pump,
     /// Extend the leases of every held task.
     Renew,
