@@ -1,12 +1,13 @@
 //! The ClientActor of one MCP server: owns its [`McpClient`] (era, session, auth, pool), its
-//! circuit breaker, its rate limit and its `Retry-After` pause, and keeps its tool list. Calls
-//! run as spawned tasks that write their outcome into the ledger and wake the WorkQueue, so the
-//! mailbox never waits on a tool and a crash of this actor loses no answer: calls already
-//! running finish without it.
+//! circuit breaker and its `Retry-After` pause, and keeps its tool list. It shares a
+//! [`Caller`] (the client, the rate limit) through which the WorkQueue starts calls itself, as
+//! spawned tasks that write their outcome into the ledger and wake the WorkQueue: a call costs
+//! this actor no message unless the breaker must hear of it, and a crash of this actor loses
+//! no answer, since calls already started finish without it.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mcpq_mcp::{
@@ -19,13 +20,11 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::config::BreakerConfig;
 use crate::limits::{Breaker, TokenBucket};
-use crate::shared::{Phase, Settle, Shared, Tools};
+use crate::shared::{Settle, Shared, Tools};
 
 /// Messages of a ClientActor.
 #[derive(Debug)]
 pub(crate) enum ClientMsg {
-    /// Run the call of a task the ledger holds as sent to this actor.
-    Call(TaskId, ClaimToken),
     /// Health probe; the result goes to the HealthMonitor.
     Probe,
     /// What a finished call showed: `Some(ok)` for the breaker, a pause for `Retry-After`.
@@ -52,16 +51,23 @@ pub(crate) struct ClientArgs {
 
 pub(crate) struct ClientState {
     name: String,
-    client: Arc<McpClient>,
+    caller: Arc<Caller>,
     shared: Arc<Shared>,
     breaker: Breaker,
-    /// Mirrors [`Breaker::is_quiet`] for the calls: a plain success need not be reported.
-    quiet: Arc<AtomicBool>,
-    bucket: Option<TokenBucket>,
     paused_until: Option<Instant>,
     probe_timeout: Duration,
-    default_timeout: Duration,
     timers: Vec<JoinHandle<()>>,
+}
+
+/// What starting a call on one server takes, shared by its ClientActor with the WorkQueue.
+/// The WorkQueue only starts calls on a server that is available, which the actor clears
+/// (under the server table's lock) when its breaker opens or `Retry-After` pauses it.
+pub(crate) struct Caller {
+    client: Arc<McpClient>,
+    /// Mirrors [`Breaker::is_quiet`]: a plain success need not be reported to the actor.
+    quiet: AtomicBool,
+    bucket: Option<Mutex<TokenBucket>>,
+    default_timeout: Duration,
 }
 
 pub(crate) struct ClientActor;
@@ -85,16 +91,20 @@ impl Actor for ClientActor {
         myself.send_message(ClientMsg::RefreshTools)?;
         let bucket = (args.cfg.rate_limit > 0)
             .then(|| TokenBucket::new(args.cfg.rate_limit, Instant::now()));
+        let caller = Arc::new(Caller {
+            client: Arc::new(client),
+            quiet: AtomicBool::new(false),
+            bucket: bucket.map(Mutex::new),
+            default_timeout: args.default_timeout,
+        });
+        args.shared.set_caller(&args.cfg.name, caller.clone());
         Ok(ClientState {
             name: args.cfg.name.clone(),
-            client: Arc::new(client),
+            caller,
             shared: args.shared,
             breaker: Breaker::new(args.breaker),
-            quiet: Arc::default(),
-            bucket,
             paused_until: None,
             probe_timeout: args.probe_timeout,
-            default_timeout: args.default_timeout,
             timers,
         })
     }
@@ -117,10 +127,13 @@ impl Actor for ClientActor {
         st: &mut ClientState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ClientMsg::Call(id, token) => st.call(myself, id, token),
             ClientMsg::Probe => {
-                let (client, shared, name, limit) =
-                    (st.client.clone(), st.shared.clone(), st.name.clone(), st.probe_timeout);
+                let (client, shared, name, limit) = (
+                    st.caller.client.clone(),
+                    st.shared.clone(),
+                    st.name.clone(),
+                    st.probe_timeout,
+                );
                 tokio::spawn(async move {
                     let (ok, reason) = probe(&client, limit).await;
                     shared.observe(&name, ok, reason);
@@ -150,11 +163,12 @@ impl Actor for ClientActor {
                     st.set_available(false);
                     myself.send_after(st.breaker.open_for(), || ClientMsg::HalfOpen);
                 }
-                st.quiet.store(st.breaker.is_quiet(), Ordering::Release);
+                st.caller.quiet.store(st.breaker.is_quiet(), Ordering::Release);
             }
             ClientMsg::HalfOpen => {
                 if st.breaker.try_half_open(Instant::now()) {
-                    let (client, limit, me) = (st.client.clone(), st.probe_timeout, myself.clone());
+                    let (client, limit, me) =
+                        (st.caller.client.clone(), st.probe_timeout, myself.clone());
                     tokio::spawn(async move {
                         let (ok, _) = probe(&client, limit).await;
                         let _ = me.send_message(ClientMsg::Probed(ok));
@@ -163,7 +177,7 @@ impl Actor for ClientActor {
             }
             ClientMsg::Probed(ok) => {
                 st.breaker.probed(ok, Instant::now());
-                st.quiet.store(st.breaker.is_quiet(), Ordering::Release);
+                st.caller.quiet.store(st.breaker.is_quiet(), Ordering::Release);
                 if st.breaker.allows() {
                     tracing::info!(server = %st.name, "circuit breaker closed");
                     let paused = st.paused_until.is_some_and(|p| p > Instant::now());
@@ -180,7 +194,7 @@ impl Actor for ClientActor {
             }
             ClientMsg::RefreshTools => {
                 let (client, shared, name) =
-                    (st.client.clone(), st.shared.clone(), st.name.clone());
+                    (st.caller.client.clone(), st.shared.clone(), st.name.clone());
                 tokio::spawn(async move {
                     match client.tools().await {
                         Outcome::Executed(Ok(list)) => {
@@ -205,44 +219,30 @@ impl ClientState {
             self.shared.pump();
         }
     }
+}
 
-    fn call(&mut self, myself: ActorRef<ClientMsg>, id: TaskId, token: ClaimToken) {
-        let me = myself.get_id();
-        // only the claim this actor was handed: a stale message for a task released and
-        // claimed again (perhaps sent elsewhere) must not touch it
-        let task = match self.shared.ledger().get(&id) {
-            Some(e)
-                if e.token == token && matches!(&e.phase, Phase::Sent { to, .. } if *to == me) =>
-            {
-                e.task.clone()
-            }
-            _ => return,
-        };
-        let refuse = if !self.breaker.allows() {
-            Some("circuit breaker open")
-        } else if self.paused_until.is_some_and(|p| p > Instant::now()) {
-            Some("paused by Retry-After")
-        } else {
-            None
-        };
-        if let Some(reason) = refuse {
-            let outcome = Outcome::NotDelivered { reason: reason.to_owned(), retry_after: None };
-            self.shared.ledger().finish(id, Settle::Attempt { server: self.name.clone(), outcome });
-            self.shared.pump();
-            return;
-        }
-        let wait = self.bucket.as_mut().map_or(Duration::ZERO, |b| b.take(Instant::now()));
+impl Caller {
+    /// Spawns the call of a task for `server`; answers the handle that aborts it. The call
+    /// waits for the rate limit, then goes out only if the ledger still holds the task as sent
+    /// under this claim, and records its outcome in the ledger.
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        task: Arc<Task>,
+        token: ClaimToken,
+        server: &str,
+    ) -> AbortHandle {
+        let wait = self.bucket.as_ref().map_or(Duration::ZERO, |b| {
+            b.lock().unwrap_or_else(|e| e.into_inner()).take(Instant::now())
+        });
         let limit = task.timeout.unwrap_or(self.default_timeout);
-        let (client, shared, name) = (self.client.clone(), self.shared.clone(), self.name.clone());
-        let quiet = self.quiet.clone();
-        let (go, ready) = tokio::sync::oneshot::channel::<AbortHandle>();
+        let (caller, shared, name) = (self.clone(), shared.clone(), server.to_owned());
         let run = tokio::spawn(async move {
-            let Ok(abort) = ready.await else { return };
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
             // the task stays `Sent` (not delivered if taken away) until the request goes out
-            if !shared.ledger().start(task.id, token, abort) {
+            if !shared.ledger().start(task.id, token) {
                 return;
             }
             let mut guard = Unfinished {
@@ -251,7 +251,7 @@ impl ClientState {
                 server: name.clone(),
                 armed: true,
             };
-            let outcome = match tokio::time::timeout(limit, execute(&client, &task)).await {
+            let outcome = match tokio::time::timeout(limit, execute(&caller.client, &task)).await {
                 Ok(o) => o,
                 Err(_) => Outcome::Ambiguous {
                     reason: format!("attempt timed out after {} ms", limit.as_millis()),
@@ -271,16 +271,17 @@ impl ClientState {
             if ok == Some(true) {
                 shared.observe(&name, true, String::new());
             }
-            shared.ledger().finish(task.id, Settle::Attempt { server: name, outcome });
+            // a success the breaker would not notice is not reported: no message at all
+            let report =
+                ok != Some(true) || retry_after.is_some() || !caller.quiet.load(Ordering::Acquire);
+            shared.ledger().finish(task.id, Settle::Attempt { server: name.clone(), outcome });
             shared.pump();
-            // a success the breaker would not notice is not reported: one message less per call
-            if ok != Some(true) || retry_after.is_some() || !quiet.load(Ordering::Acquire) {
-                // a restarted actor starts with a fresh breaker; the report may be lost then
-                let _ = myself.send_message(ClientMsg::Finished { ok, retry_after });
+            // the actor running now (perhaps a restarted one) hears of it
+            if report && let Some(actor) = shared.client(&name) {
+                let _ = actor.send_message(ClientMsg::Finished { ok, retry_after });
             }
         });
-        // cannot fail unless the task ended already, and it waits for this
-        let _ = go.send(run.abort_handle());
+        run.abort_handle()
     }
 }
 

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use mcpq_mcp::{Outcome, ServerConfig};
 use mcpq_queue::{ClaimToken, QueueName, Task, TaskId};
-use ractor::{ActorId, ActorRef};
+use ractor::ActorRef;
 use serde_json::Value;
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
-use crate::client_actor::ClientMsg;
+use crate::client_actor::{Caller, ClientMsg};
 use crate::health::HealthMsg;
 use crate::work_queue::{Decision, WorkQueueMsg};
 
@@ -95,8 +95,9 @@ pub(crate) enum Settle {
 pub(crate) enum Phase {
     /// Claimed, waiting for a free slot on a server that can take it.
     Parked,
-    /// Handed to a ClientActor (`to`), not yet started.
-    Sent { server: String, to: ActorId },
+    /// Its call is spawned for `server` but the request has not gone out (a rate limit may
+    /// hold it): taken away now, it was not delivered.
+    Sent { server: String, abort: AbortHandle },
     /// The call runs.
     Calling { server: String, abort: AbortHandle },
     /// Finished; waiting to be recorded in the store.
@@ -157,28 +158,41 @@ impl Ledger {
         self.parked.iter().copied().collect()
     }
 
-    /// Marks a parked task handed to a server's actor.
-    pub(crate) fn send(&mut self, id: TaskId, server: &str, to: ActorId) {
-        if let Some(e) = self.entries.get_mut(&id)
-            && matches!(e.phase, Phase::Parked)
-        {
-            self.parked.retain(|p| *p != id);
-            e.phase = Phase::Sent { server: server.to_owned(), to };
-            *self.load.entry(server.to_owned()).or_default() += 1;
+    /// Marks a parked task sent: its call, spawned for `server`, can be aborted with `abort`.
+    /// False (and the call aborted) when the task is not parked.
+    pub(crate) fn send(&mut self, id: TaskId, server: &str, abort: AbortHandle) -> bool {
+        match self.entries.get_mut(&id) {
+            Some(e) if matches!(e.phase, Phase::Parked) => {
+                self.parked.retain(|p| *p != id);
+                e.phase = Phase::Sent { server: server.to_owned(), abort };
+                match self.load.get_mut(server) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.load.insert(server.to_owned(), 1);
+                    }
+                }
+                true
+            }
+            _ => {
+                abort.abort();
+                false
+            }
         }
     }
 
-    /// Marks a sent task's call started; false when the task was taken away meanwhile (the
-    /// caller must then abort the call).
-    pub(crate) fn start(&mut self, id: TaskId, token: ClaimToken, abort: AbortHandle) -> bool {
+    /// Marks a sent task's call started, as its request goes out; false when the task was
+    /// taken away meanwhile (the call must then not go out).
+    pub(crate) fn start(&mut self, id: TaskId, token: ClaimToken) -> bool {
         match self.entries.get_mut(&id) {
-            Some(e) if e.token == token => match &e.phase {
-                Phase::Sent { server, .. } => {
-                    e.phase = Phase::Calling { server: server.clone(), abort };
-                    true
-                }
-                _ => false,
-            },
+            Some(e) if e.token == token && matches!(e.phase, Phase::Sent { .. }) => {
+                let Phase::Sent { server, abort } = std::mem::replace(&mut e.phase, Phase::Parked)
+                else {
+                    // matched just above
+                    return false;
+                };
+                e.phase = Phase::Calling { server, abort };
+                true
+            }
             _ => false,
         }
     }
@@ -209,11 +223,6 @@ impl Ledger {
         })
     }
 
-    /// Finishes the tasks sent to a ClientActor that died before starting them.
-    pub(crate) fn undelivered(&mut self, dead: ActorId, reason: &str) -> usize {
-        self.finish_where(reason, |p| matches!(p, Phase::Sent { to, .. } if *to == dead))
-    }
-
     /// Hands the parked tasks back (shutdown); answers how many.
     pub(crate) fn abandon_parked(&mut self, reason: &str) -> usize {
         self.finish_where(reason, |p| matches!(p, Phase::Parked))
@@ -230,10 +239,16 @@ impl Ledger {
         for id in &ids {
             let Some(e) = self.entries.get(id) else { continue };
             let settle = match &e.phase {
-                Phase::Sent { server, .. } => Settle::Attempt {
-                    server: server.clone(),
-                    outcome: Outcome::NotDelivered { reason: reason.to_owned(), retry_after: None },
-                },
+                Phase::Sent { server, abort } => {
+                    abort.abort();
+                    Settle::Attempt {
+                        server: server.clone(),
+                        outcome: Outcome::NotDelivered {
+                            reason: reason.to_owned(),
+                            retry_after: None,
+                        },
+                    }
+                }
                 Phase::Calling { server, abort } => {
                     abort.abort();
                     Settle::Attempt {
@@ -283,8 +298,7 @@ impl Ledger {
         let Some(e) = self.entries.remove(&id) else { return false };
         match e.phase {
             Phase::Parked => self.parked.retain(|p| *p != id),
-            Phase::Sent { server, .. } => self.unload(&server),
-            Phase::Calling { server, abort } => {
+            Phase::Sent { server, abort } | Phase::Calling { server, abort } => {
                 abort.abort();
                 self.unload(&server);
             }
@@ -381,6 +395,7 @@ struct Refs {
     work_queue: Option<ActorRef<WorkQueueMsg>>,
     health: Option<ActorRef<HealthMsg>>,
     clients: HashMap<String, ActorRef<ClientMsg>>,
+    callers: HashMap<String, Arc<Caller>>,
 }
 
 /// A server's health change, as subscribers see it.
@@ -480,12 +495,29 @@ impl Shared {
         lock(&self.refs).health.clone()
     }
 
+    /// Sets the ClientActor of a server; none (it died or was removed) takes its caller too.
     pub(crate) fn set_client(&self, name: &str, r: Option<ActorRef<ClientMsg>>) {
         let mut refs = lock(&self.refs);
         match r {
-            Some(r) => refs.clients.insert(name.to_owned(), r),
-            None => refs.clients.remove(name),
-        };
+            Some(r) => {
+                refs.clients.insert(name.to_owned(), r);
+            }
+            None => {
+                refs.clients.remove(name);
+                refs.callers.remove(name);
+            }
+        }
+    }
+
+    /// Set by a ClientActor as it starts: what the WorkQueue needs to start calls on its server.
+    pub(crate) fn set_caller(&self, name: &str, c: Arc<Caller>) {
+        lock(&self.refs).callers.insert(name.to_owned(), c);
+    }
+
+    /// The caller of a server whose ClientActor runs.
+    pub(crate) fn caller(&self, name: &str) -> Option<Arc<Caller>> {
+        let refs = lock(&self.refs);
+        refs.clients.contains_key(name).then(|| refs.callers.get(name).cloned()).flatten()
     }
 
     pub(crate) fn client(&self, name: &str) -> Option<ActorRef<ClientMsg>> {
@@ -565,11 +597,11 @@ pub(crate) mod tests {
         let token = ClaimToken::from_raw(1);
         l.insert(id, Entry::new(QueueName::default(), t, token));
         assert_eq!(l.parked(), 1);
-        let actor = ractor::ActorId::Local(1);
-        l.send(id, "a", actor);
-        assert_eq!((l.parked(), l.load("a")), (0, 1));
         let call = tokio::spawn(std::future::pending::<()>());
-        assert!(l.start(id, token, call.abort_handle()));
+        assert!(l.send(id, "a", call.abort_handle()));
+        assert_eq!((l.parked(), l.load("a")), (0, 1));
+        assert!(!l.start(id, ClaimToken::from_raw(2)), "another claim's call does not start");
+        assert!(l.start(id, token));
         assert_eq!(l.redistribute("a", "a went offline"), 1);
         assert_eq!(l.load("a"), 0);
         let ok = Outcome::Executed(Ok(Value::Null));

@@ -316,19 +316,10 @@ impl<S: Store> SupervisorState<S> {
     fn child_died(&mut self, myself: &ActorRef<SupervisorMsg>, part: Part, why: String) {
         let shared = self.shared.clone();
         let Some(child) = self.children.get_mut(&part) else { return };
-        let dead = child.id.take();
+        child.id = None;
         match &part {
-            Part::Client(name) => {
-                shared.set_client(name, None);
-                if let Some(dead) = dead {
-                    let n = shared
-                        .ledger()
-                        .undelivered(dead, &format!("client actor of {name} crashed"));
-                    if n > 0 {
-                        shared.pump();
-                    }
-                }
-            }
+            // calls it started run on as tasks of their own and record their outcomes
+            Part::Client(name) => shared.set_client(name, None),
             Part::HealthMonitor => shared.set_health(None),
             Part::WorkQueue => shared.set_work_queue(None),
         }

@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::client_actor::{ClientMsg, MAX_RETRY_AFTER};
+use crate::client_actor::{Caller, MAX_RETRY_AFTER};
 use crate::config::DispatchConfig;
 use crate::routing::{Router, ServerView, Wait};
 use crate::shared::{Counters, Entry, Health, Phase, Settle, Shared};
@@ -565,19 +565,19 @@ impl<S: Store> WorkQueueState<S> {
             return false;
         }
         let mut finished = false;
-        let clients: Vec<Option<ActorRef<ClientMsg>>> =
-            servers.iter().map(|s| self.shared.client(&s.cfg.name)).collect();
+        let callers: Vec<Option<Arc<Caller>>> =
+            servers.iter().map(|s| self.shared.caller(&s.cfg.name)).collect();
         // one view of the fleet for the whole round, kept in step with each dispatch
         let mut views: Vec<ServerView<'_>> = servers
             .iter()
-            .zip(&clients)
-            .map(|(s, client)| ServerView {
+            .zip(&callers)
+            .map(|(s, caller)| ServerView {
                 name: &s.cfg.name,
                 tags: &s.cfg.tags,
                 weight: s.cfg.weight,
                 in_flight: ledger.load(&s.cfg.name),
                 max_concurrency: s.cfg.max_concurrency,
-                online: s.health != Health::Offline && s.available && client.is_some(),
+                online: s.health != Health::Offline && s.available && caller.is_some(),
                 tools: s.tools.as_ref().map(|t| &t.names),
             })
             .collect();
@@ -610,18 +610,12 @@ impl<S: Store> WorkQueueState<S> {
             match pick {
                 Ok(i) => {
                     let name = &servers[i].cfg.name;
-                    let Some(client) = &clients[i] else { continue };
-                    ledger.send(id, name, client.get_id());
-                    views[i].in_flight += 1;
-                    Counters::add(&self.shared.counters.dispatched, 1);
-                    if client.send_message(ClientMsg::Call(id, entry_token)).is_err() {
-                        let outcome = Outcome::NotDelivered {
-                            reason: "client actor stopped".to_owned(),
-                            retry_after: None,
-                        };
-                        finished |=
-                            ledger.finish(id, Settle::Attempt { server: name.clone(), outcome });
-                        views[i].in_flight -= 1;
+                    let Some(caller) = &callers[i] else { continue };
+                    // the call waits for the ledger's lock, held here, before it goes out
+                    let call = caller.start(&self.shared, task, entry_token, name);
+                    if ledger.send(id, name, call) {
+                        views[i].in_flight += 1;
+                        Counters::add(&self.shared.counters.dispatched, 1);
                     }
                 }
                 // held while a slot may free soon; past wait_ms other replicas get a chance
