@@ -259,6 +259,15 @@ async fn bench_runs_every_measure_and_accounts_for_every_task() -> Result<()> {
         ensure!(a["tasks"] == 300 && a["succeeded"] == 300 && a["lost"] == 0, "{d}");
         ensure!(a["duplicates"] == 0 && a["unfinished"] == 0, "{d}");
         ensure!(d["tasks_per_s"].as_f64() > Some(0.0) && d["of_ceiling"].as_f64() > Some(0.0));
+        let run = &d["runs"][0];
+        let top = run["ceiling_calls_per_s"].as_f64();
+        ensure!(top > Some(0.0), "each drain has a ceiling run of its own: {d}");
+        let ratio = run["tasks_per_s"].as_f64().zip(top).map(|(rate, top)| rate / top);
+        let said = run["of_ceiling"].as_f64();
+        ensure!(
+            ratio.zip(said).is_some_and(|(a, b)| (a - b).abs() < 1e-9),
+            "a run's ratio is its rate over its own ceiling: {d}"
+        );
         ensure!(d["mcpq_cpu_us_per_task"].as_f64() > Some(0.0), "{d}");
         let redis = d["store"] == "redis";
         ensure!(
