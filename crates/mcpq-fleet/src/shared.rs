@@ -66,6 +66,12 @@ pub(crate) struct ServerInfo {
 }
 
 impl ServerInfo {
+    /// Not offline, breaker closed and not paused: calls may be routed here (if its
+    /// ClientActor runs).
+    pub(crate) fn takes_calls(&self) -> bool {
+        self.health != Health::Offline && self.available
+    }
+
     pub(crate) fn new(cfg: ServerConfig) -> Self {
         Self {
             cfg: Arc::new(cfg),

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use crate::client_actor::{Caller, MAX_RETRY_AFTER};
 use crate::config::DispatchConfig;
 use crate::routing::{Router, ServerView, Wait};
-use crate::shared::{Counters, Entry, Health, Phase, Settle, Shared};
+use crate::shared::{Counters, Entry, Phase, Settle, Shared};
 
 /// What a drain achieved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -524,11 +524,7 @@ impl<S: Store> WorkQueueState<S> {
         }
         let free: u32 = servers
             .iter()
-            .filter(|s| {
-                s.health != Health::Offline
-                    && s.available
-                    && self.shared.client(&s.cfg.name).is_some()
-            })
+            .filter(|s| s.takes_calls() && self.shared.caller(&s.cfg.name).is_some())
             .map(|s| s.cfg.max_concurrency.saturating_sub(ledger.load(&s.cfg.name)))
             .sum();
         (free as usize).saturating_sub(ledger.parked())
@@ -577,7 +573,7 @@ impl<S: Store> WorkQueueState<S> {
                 weight: s.cfg.weight,
                 in_flight: ledger.load(&s.cfg.name),
                 max_concurrency: s.cfg.max_concurrency,
-                online: s.health != Health::Offline && s.available && caller.is_some(),
+                online: s.takes_calls() && caller.is_some(),
                 tools: s.tools.as_ref().map(|t| &t.names),
             })
             .collect();
