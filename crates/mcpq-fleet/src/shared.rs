@@ -189,17 +189,16 @@ impl Ledger {
     /// Marks a sent task's call started, as its request goes out; false when the task was
     /// taken away meanwhile (the call must then not go out).
     pub(crate) fn start(&mut self, id: TaskId, token: ClaimToken) -> bool {
-        match self.entries.get_mut(&id) {
-            Some(e) if e.token == token && matches!(e.phase, Phase::Sent { .. }) => {
-                let Phase::Sent { server, abort } = std::mem::replace(&mut e.phase, Phase::Parked)
-                else {
-                    // matched just above
-                    return false;
-                };
+        let Some(e) = self.entries.get_mut(&id).filter(|e| e.token == token) else { return false };
+        match std::mem::replace(&mut e.phase, Phase::Parked) {
+            Phase::Sent { server, abort } => {
                 e.phase = Phase::Calling { server, abort };
                 true
             }
-            _ => false,
+            other => {
+                e.phase = other;
+                false
+            }
         }
     }
 
