@@ -824,3 +824,36 @@ async fn reading_events_one_at_a_time_walks_every_event<B: Backend>() -> Result<
     assert_eq!(walked, all, "a read of one event after each one seen");
     Ok(())
 }
+
+/// Redis only: a claim leaves its leases in a skiplist-encoded zset (a small zset is a
+/// listpack, which every lease added or removed scans end to end), and the member used to
+/// convert it never stays behind.
+#[tokio::test]
+async fn redis_leases_stay_a_skiplist_and_hold_only_running_tasks() -> Result<()> {
+    let server = RedisServer::start()?;
+    let s = server.store(&[]).await?;
+    let mut raw = server.raw()?;
+    let leases = "mcpq:{default}:leases";
+    enqueue(&s, &(0..10).map(tool).collect::<Vec<_>>()).await?;
+    let mut claimed = Vec::new();
+    for _ in 0..2 {
+        claimed.extend(s.claim(&q(), 3, HOUR).await?);
+        let encoding: String =
+            ::redis::cmd("OBJECT").arg("ENCODING").arg(leases).query(&mut raw)?;
+        assert_eq!(encoding, "skiplist");
+        let members: Vec<Vec<u8>> =
+            ::redis::cmd("ZRANGE").arg(leases).arg(0).arg(-1).query(&mut raw)?;
+        let mut want: Vec<Vec<u8>> =
+            claimed.iter().map(|c| c.task.id.as_bytes().to_vec()).collect();
+        want.sort();
+        let mut got = members;
+        got.sort();
+        assert_eq!(got, want, "the leases are exactly the claimed tasks");
+        assert_eq!(s.stats(&q()).await?.running, claimed.len() as u64);
+    }
+    let settled = s.complete(&q(), &claimed.iter().map(done).collect::<Vec<_>>()).await?;
+    assert!(settled.iter().all(|x| *x == Settled::Applied(TaskState::Succeeded)), "{settled:?}");
+    let exists: u64 = ::redis::cmd("EXISTS").arg(leases).query(&mut raw)?;
+    assert_eq!(exists, 0, "no lease (nor the converting member) outlives its task");
+    Ok(())
+}

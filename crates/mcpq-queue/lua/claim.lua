@@ -55,7 +55,9 @@ local now = now_ms()
 local deadline = now + tonumber(ARGV[3])
 local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local ev = events(KEYS[5], ARGV[1])
-local out, fields, leases = {now, deadline}, {}, {}
+-- the deadline as a string once: redis.call formats a number argument with sprintf each time
+local out, fields, leases, score = {now, deadline}, {}, {}, tostring(deadline)
+local o, f = 2, 0
 for i, id in ipairs(ids) do
   local raw = recs[i]
   -- a listed id always has a record; skipping a missing one keeps the batch going
@@ -63,18 +65,18 @@ for i, id in ipairs(ids) do
     local _, _, flags, priority, attempt, max_attempts, claims, _, finished = struct.unpack(HEAD, raw)
     local rec = struct.pack(KEEP_REST, 1, RUNNING, flags, priority, attempt + 1, max_attempts,
       claims + 1, now, finished, string.sub(raw, HEAD_LEN + 1))
-    fields[#fields + 1] = id
-    fields[#fields + 1] = rec
-    leases[#leases + 1] = deadline
-    leases[#leases + 1] = id
-    out[#out + 1] = id
-    out[#out + 1] = rec
+    fields[f + 1], fields[f + 2] = id, rec
+    leases[f + 1], leases[f + 2] = score, id
+    f = f + 2
+    out[o + 1], out[o + 2] = id, rec
+    o = o + 2
     ev.add('run', id, attempt + 1)
   end
 end
-if #fields > 0 then
+if f > 0 then
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('ZADD', KEYS[4], unpack(leases))
+  keep_skiplist(KEYS[4])
   ev.flush()
 end
 return out

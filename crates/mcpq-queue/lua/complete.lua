@@ -12,19 +12,20 @@ local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local now = now_ms()
 local fence, settle = fencer()
 local ev = events(KEYS[4], ARGV[1])
-local out, fields, applied = {}, {}, {}
+local out, fields, applied, f = {}, {}, {}, 0
 for i = 0, n - 1 do
   local b = 3 + i * 4
   local id, server, raw = ARGV[b], ARGV[b + 2], recs[i + 1]
   local ok, current, flags, priority, attempt, max_attempts, claims, started, _, spec_len =
     fence(id, raw, ARGV[b + 1])
   if ok then
-    fields[#fields + 1] = id
     local result = ARGV[b + 3]
-    fields[#fields + 1] = struct.pack(NEW_TAIL, 1, SUCCEEDED, flags, priority, attempt,
+    f = f + 1
+    fields[2 * f - 1] = id
+    fields[2 * f] = struct.pack(NEW_TAIL, 1, SUCCEEDED, flags, priority, attempt,
       max_attempts, claims, started, now, string.sub(raw, HEAD_LEN + 1, HDR_LEN + spec_len),
       #server, server, 0, '', #result, result)
-    applied[#applied + 1] = id
+    applied[f] = id
     settle(id, SUCCEEDED)
     ev.add('ok', id, attempt, server)
     out[2 * i + 1], out[2 * i + 2] = 1, SUCCEEDED
@@ -32,7 +33,7 @@ for i = 0, n - 1 do
     out[2 * i + 1], out[2 * i + 2] = 0, current
   end
 end
-if #fields > 0 then
+if f > 0 then
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('ZREM', KEYS[2], unpack(applied))
   redis.call('RPUSH', KEYS[3], unpack(applied))

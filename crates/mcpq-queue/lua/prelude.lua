@@ -88,34 +88,54 @@ end
 -- Collects the events of one script call and appends them as one stream entry per kind:
 -- `k` kind, `t` the task ids (16 bytes each), and per task, as MessagePack arrays where the
 -- kind carries them, `a` attempt, `s` server, `e` error. A reader numbers the tasks of an
--- entry, so each event keeps an id of its own: `<entry id>.<index>`.
+-- entry, so each event keeps an id of its own: `<entry id>.<index>`. Which of `a`, `s`, `e` a
+-- kind carries is set by its first event in the call; every call site passes the same
+-- fields for a kind. Called once per task on the hot path: plain counters and no per-event
+-- table, which cost more here than the rest of the work done with the task.
 local function events(stream, max)
-  local entries, order = {}, {}
+  local kinds, order = {}, {}
   local ev = {}
   function ev.add(kind, id, attempt, server, err)
-    local e = entries[kind]
+    local e = kinds[kind]
     if not e then
-      e = {ids = {}, a = {}, s = {}, e = {}}
-      entries[kind] = e
+      e = {n = 0, ids = {}, a = attempt and {}, s = server and {}, e = err and {}}
+      kinds[kind] = e
       order[#order + 1] = kind
     end
-    local n = #e.ids + 1
-    e.ids[n], e.a[n], e.s[n], e.e[n] = id, attempt or 0, server or '', err or ''
-    e.has_a = e.has_a or attempt ~= nil
-    e.has_s = e.has_s or server ~= nil
-    e.has_e = e.has_e or err ~= nil
+    local n = e.n + 1
+    e.n = n
+    e.ids[n] = id
+    local t = e.a
+    if t then t[n] = attempt or 0 end
+    t = e.s
+    if t then t[n] = server or '' end
+    t = e.e
+    if t then t[n] = err or '' end
   end
   function ev.flush()
     for _, kind in ipairs(order) do
-      local e = entries[kind]
+      local e = kinds[kind]
       local args = {'XADD', stream, 'MAXLEN', '~', max, '*', 'k', kind, 't', table.concat(e.ids)}
-      if e.has_a then args[#args + 1] = 'a'; args[#args + 1] = cmsgpack.pack(e.a) end
-      if e.has_s then args[#args + 1] = 's'; args[#args + 1] = cmsgpack.pack(e.s) end
-      if e.has_e then args[#args + 1] = 'e'; args[#args + 1] = cmsgpack.pack(e.e) end
+      if e.a then args[#args + 1] = 'a'; args[#args + 1] = cmsgpack.pack(e.a) end
+      if e.s then args[#args + 1] = 's'; args[#args + 1] = cmsgpack.pack(e.s) end
+      if e.e then args[#args + 1] = 'e'; args[#args + 1] = cmsgpack.pack(e.e) end
       redis.call(unpack(args))
     end
   end
   return ev
+end
+
+-- Keeps a zset in Redis's skiplist encoding. Up to zset-max-listpack-entries members (128 by
+-- default) a zset is a listpack, which ZADD and ZREM scan end to end for every member: with a
+-- hundred tasks running, adding a claim's leases cost more than all the rest of the claim. A
+-- member longer than zset-max-listpack-value (64 by default) converts the zset, and removing it
+-- again does not convert it back; a zset left empty is deleted and starts over small.
+local function keep_skiplist(key)
+  if redis.call('OBJECT', 'ENCODING', key) ~= 'skiplist' then
+    local wide = string.rep('.', 1025)
+    redis.call('ZADD', key, 0, wide)
+    redis.call('ZREM', key, wide)
+  end
 end
 
 -- Pushes ids (all of one priority) onto their ready list: at the tail, or at the head when
