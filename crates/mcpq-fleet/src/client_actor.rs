@@ -251,7 +251,10 @@ impl Caller {
                 server: name.clone(),
                 armed: true,
             };
-            let outcome = match tokio::time::timeout(limit, execute(&caller.client, &task)).await {
+            // boxed: the call's future is large, and tokio copies a spawned future whole
+            // each time it moves or replaces the task's stage
+            let call = Box::pin(execute(&caller.client, &task));
+            let outcome = match tokio::time::timeout(limit, call).await {
                 Ok(o) => o,
                 Err(_) => Outcome::Ambiguous {
                     reason: format!("attempt timed out after {} ms", limit.as_millis()),

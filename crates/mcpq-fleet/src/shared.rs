@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use mcpq_mcp::{Outcome, ServerConfig};
 use mcpq_queue::{ClaimToken, QueueName, Task, TaskId};
 use ractor::ActorRef;
+use rustc_hash::FxHashMap;
 use serde_json::Value;
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
@@ -130,8 +131,10 @@ impl Entry {
 /// Every task this replica holds a claim on, and calls in flight per server.
 #[derive(Debug, Default)]
 pub(crate) struct Ledger {
-    entries: HashMap<TaskId, Entry>,
-    load: HashMap<String, u32>,
+    // FxHash: looked up several times per task; the keys are ids the store made and the
+    // fleet's own server names, and a ledger holds at most the fleet's concurrency
+    entries: FxHashMap<TaskId, Entry>,
+    load: FxHashMap<String, u32>,
     done: Vec<TaskId>,
     parked: VecDeque<TaskId>,
 }
@@ -169,7 +172,7 @@ impl Ledger {
     pub(crate) fn send(&mut self, id: TaskId, server: &str, abort: AbortHandle) -> bool {
         match self.entries.get_mut(&id) {
             Some(e) if matches!(e.phase, Phase::Parked) => {
-                self.parked.retain(|p| *p != id);
+                unpark(&mut self.parked, id);
                 e.phase = Phase::Sent { server: server.to_owned(), abort };
                 match self.load.get_mut(server) {
                     Some(n) => *n += 1,
@@ -207,7 +210,7 @@ impl Ledger {
         let Some(e) = self.entries.get_mut(&id) else { return false };
         match &e.phase {
             Phase::Done(_) => return false,
-            Phase::Parked => self.parked.retain(|p| *p != id),
+            Phase::Parked => unpark(&mut self.parked, id),
             Phase::Sent { server, .. } | Phase::Calling { server, .. } => {
                 if let Some(n) = self.load.get_mut(server) {
                     *n = n.saturating_sub(1);
@@ -302,7 +305,7 @@ impl Ledger {
         }
         let Some(e) = self.entries.remove(&id) else { return false };
         match e.phase {
-            Phase::Parked => self.parked.retain(|p| *p != id),
+            Phase::Parked => unpark(&mut self.parked, id),
             Phase::Sent { server, abort } | Phase::Calling { server, abort } => {
                 abort.abort();
                 self.unload(&server);
@@ -316,6 +319,15 @@ impl Ledger {
         if let Some(n) = self.load.get_mut(server) {
             *n = n.saturating_sub(1);
         }
+    }
+}
+
+/// Takes `id` off the parked queue: usually its head, as tasks leave in claim order.
+fn unpark(parked: &mut VecDeque<TaskId>, id: TaskId) {
+    if parked.front() == Some(&id) {
+        parked.pop_front();
+    } else {
+        parked.retain(|p| *p != id);
     }
 }
 

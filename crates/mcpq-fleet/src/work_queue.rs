@@ -655,7 +655,8 @@ impl<S: Store> WorkQueueState<S> {
         if done.is_empty() {
             return Vec::new();
         }
-        let mut batches: HashMap<QueueName, Batch> = HashMap::new();
+        // one batch per queue; a fleet has few queues
+        let mut batches: Vec<(QueueName, Batch)> = Vec::new();
         let servers = self.shared.servers();
         for (id, mut entry) in done {
             let Phase::Done(settle) = std::mem::replace(&mut entry.phase, Phase::Parked) else {
@@ -682,7 +683,11 @@ impl<S: Store> WorkQueueState<S> {
             if matches!(decision, Decision::Fail { .. }) {
                 self.avoid.remove(&id);
             }
-            let b = batches.entry(entry.queue.clone()).or_default();
+            let i = batches.iter().position(|(q, _)| *q == entry.queue).unwrap_or_else(|| {
+                batches.push((entry.queue.clone(), Batch::default()));
+                batches.len() - 1
+            });
+            let b = &mut batches[i].1;
             match decision {
                 Decision::Complete { server, result } => {
                     b.complete.push(Completion { id, token, server, result });

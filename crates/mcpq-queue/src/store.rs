@@ -117,7 +117,14 @@ pub struct Completion {
 impl Completion {
     /// The result as stored: named MessagePack.
     pub(crate) fn encoded_result(&self) -> Result<Vec<u8>> {
-        rmp_serde::to_vec_named(&self.result)
+        let mut out = Vec::new();
+        self.encode_result(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the result as stored to `out`.
+    pub(crate) fn encode_result(&self, out: &mut Vec<u8>) -> Result<()> {
+        rmp_serde::encode::write_named(out, &self.result)
             .map_err(|e| Error::Invalid(InvalidInput::new("result", e.to_string())))
     }
 }

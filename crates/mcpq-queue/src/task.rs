@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -84,9 +85,9 @@ impl FromStr for TaskId {
 }
 
 /// A queue's name: 1 to 128 of `A-Z a-z 0-9 _ - .`, so it can sit inside a Redis hash tag.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct QueueName(String);
+/// Shared, not copied: every task and ledger entry carries its queue's name.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueName(Arc<str>);
 
 impl QueueName {
     /// Checks and wraps a queue name.
@@ -104,7 +105,7 @@ impl QueueName {
                 format!("{c:?} is not allowed; use letters, digits, '_', '-' and '.'"),
             ));
         }
-        Ok(Self(name))
+        Ok(Self(name.into()))
     }
 
     /// The name as text.
@@ -115,7 +116,7 @@ impl QueueName {
 
 impl Default for QueueName {
     fn default() -> Self {
-        Self("default".to_owned())
+        Self("default".into())
     }
 }
 
@@ -136,6 +137,12 @@ impl FromStr for QueueName {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::new(s)
+    }
+}
+
+impl Serialize for QueueName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 

@@ -204,9 +204,12 @@ pub(super) async fn complete<C: ConnectionLike>(
     let mut inv = COMPLETE.prepare_invoke();
     inv.key(&k.tasks).key(&k.leases).key(&k.succeeded).key(&k.events);
     inv.arg(cfg.events_max).arg(items.len());
+    // one buffer for every result: most are small, and each would otherwise grow its own
+    let mut result = Vec::with_capacity(256);
     for c in items {
-        let result = c.encoded_result()?;
-        inv.arg(c.id.as_bytes().as_slice()).arg(c.token.0).arg(&c.server).arg(result);
+        result.clear();
+        c.encode_result(&mut result)?;
+        inv.arg(c.id.as_bytes().as_slice()).arg(c.token.0).arg(&c.server).arg(&result[..]);
     }
     settled(run(&inv, conn).await?, "complete")
 }
