@@ -26,7 +26,7 @@ import time
 import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KEYS = {k: "{q}:" + k for k in ("tasks", "prios", "scheduled", "events", "leases", "meta", "done")}
+KEYS = {k: "{q}:" + k for k in ("tasks", "prios", "scheduled", "events", "leases", "meta", "succeeded")}
 KEYS["ready"] = "{q}:ready:"
 
 
@@ -80,7 +80,7 @@ def run(a, dir, sock, pid):
 
     def settle_oldest():
         items = pending.pop(0)
-        complete(keys=[KEYS[k] for k in ("tasks", "leases", "done", "events")],
+        complete(keys=[KEYS[k] for k in ("tasks", "leases", "succeeded", "events")],
                  args=[10000, len(items) // 4] + items)
         return len(items) // 4
 

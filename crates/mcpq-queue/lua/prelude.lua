@@ -90,8 +90,8 @@ end
 -- kind carries them, `a` attempt, `s` server, `e` error. A reader numbers the tasks of an
 -- entry, so each event keeps an id of its own: `<entry id>.<index>`. Which of `a`, `s`, `e` a
 -- kind carries is set by its first event in the call; every call site passes the same
--- fields for a kind. Called once per task on the hot path: plain counters and no per-event
--- table, which cost more here than the rest of the work done with the task.
+-- fields for a kind. Called once per task on the hot path, so it keeps only the arrays the
+-- kind carries and counts with plain counters.
 local function events(stream, max)
   local kinds, order = {}, {}
   local ev = {}
@@ -127,7 +127,7 @@ end
 
 -- Keeps a zset in Redis's skiplist encoding. Up to zset-max-listpack-entries members (128 by
 -- default) a zset is a listpack, which ZADD and ZREM scan end to end for every member: with a
--- hundred tasks running, adding a claim's leases cost more than all the rest of the claim. A
+-- hundred tasks running, that was a quarter of the claim and complete scripts' work. A
 -- member longer than zset-max-listpack-value (64 by default) converts the zset, and removing it
 -- again does not convert it back; a zset left empty is deleted and starts over small.
 local function keep_skiplist(key)
