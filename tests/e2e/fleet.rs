@@ -448,6 +448,41 @@ async fn higher_priority_tasks_enqueued_later_start_first() -> Result<()> {
     Ok(())
 }
 
+/// Work claimed ahead (`prefetch_ms`) waits parked for a free slot: no more of it than
+/// `max_batch`, and each task still runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_claimed_ahead_is_capped_and_each_task_runs_once() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let s = McpServer::start(Mode::Stateless).await?;
+    let mut cfg = fleet_config(vec![server("s", &s, 4)], health(), 10_000);
+    // ten seconds of work is far more than the cap
+    cfg.dispatch.prefetch_ms = 10_000;
+    cfg.dispatch.max_batch = 16;
+    let fleet = Fleet::start(store.clone(), cfg).await?;
+    let tasks: Vec<NewTask> = (0..400).map(|_| slow(5, true)).collect();
+    let ids = enqueue(&store, &tasks).await?;
+    let most = std::cell::Cell::new(0);
+    eventually(Duration::from_secs(60), "every task succeeded", || async {
+        most.set(most.get().max(fleet.held()));
+        Ok((succeeded(&store).await? >= tasks.len() as u64).then_some(()))
+    })
+    .await?;
+
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(10), || s.executions())
+        .await?;
+    assert_accounted(&r, &ids.iter().copied().collect());
+    assert!(r.duplicated.is_empty(), "tasks ran twice: {:?}", r.duplicated);
+    // held: four running, up to 16 parked ahead, and up to four finished since the last round
+    let most = most.get();
+    println!("most tasks held at once: {most} (4 slots, 16 ahead)");
+    assert!(most > 4 + 4, "nothing was claimed ahead of the free slots");
+    assert!(most <= 4 + 16 + 4, "{most} tasks held: more than the slots and the cap");
+    assert_eq!(fleet.stats().released, 0, "tasks claimed ahead were handed back");
+    fleet.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_actors_are_restarted_and_no_task_is_lost() -> Result<()> {
     mcpq_tests::init_logs();

@@ -132,6 +132,11 @@ pub struct DispatchConfig {
     pub strategy: Strategy,
     /// Most tasks claimed in one round trip.
     pub max_batch: usize,
+    /// Work claimed ahead of the free slots, in ms of the rate tasks finish at: a slot that
+    /// frees is refilled from what this replica holds, without waiting for a claim, and claims
+    /// come in fewer, larger batches. A task enqueued later at a higher priority may start
+    /// after this much work already claimed. 0: claim only for free slots.
+    pub prefetch_ms: u64,
     /// Time between sweeps that queue due tasks and take back expired leases.
     pub reap_interval_ms: u64,
     /// Time between claim attempts when nothing woke the dispatcher.
@@ -154,6 +159,7 @@ impl Default for DispatchConfig {
             lease_ms: 10_000,
             strategy: Strategy::LeastLoaded,
             max_batch: 256,
+            prefetch_ms: 10,
             reap_interval_ms: 1000,
             poll_ms: 250,
             wait_ms: 1000,
@@ -170,6 +176,7 @@ impl DispatchConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         in_range("dispatch.lease_ms", self.lease_ms, 100, 3_600_000)?;
         in_range("dispatch.max_batch", self.max_batch as u64, 1, 1000)?;
+        in_range("dispatch.prefetch_ms", self.prefetch_ms, 0, 10_000)?;
         in_range("dispatch.reap_interval_ms", self.reap_interval_ms, 10, 600_000)?;
         in_range("dispatch.poll_ms", self.poll_ms, 1, 60_000)?;
         in_range("dispatch.wait_ms", self.wait_ms, 1, 3_600_000)?;

@@ -1,5 +1,5 @@
-//! The WorkQueue: claims as many tasks as online servers have free slots (credit-based, in
-//! batches), routes each one, hands it to the server's ClientActor, and records every outcome
+//! The WorkQueue: claims as many tasks as online servers have free slots, plus a few ms of work
+//! ahead (credit-based, in batches), routes each one, hands it to the server's ClientActor, and records every outcome
 //! in the store in batches sent together with its next claim: executed → complete or fail; not delivered → released at once
 //! (that server avoided next time); ambiguous → retried with backoff when repeating is safe,
 //! else parked in review. It renews its leases every third of a lease, queues due tasks and
@@ -84,6 +84,48 @@ pub(crate) struct WorkQueueState<S> {
     stopped: bool,
     sweeps: u64,
     tasks: Vec<JoinHandle<()>>,
+    pace: Pace,
+}
+
+/// Tasks to claim: the free slots and `ahead` more, less those parked; none while the parked
+/// ones cover half of `ahead`, so claims ahead come in batches of at least the other half.
+fn claim_size(free: usize, parked: usize, ahead: usize) -> usize {
+    let want = (free + ahead).saturating_sub(parked);
+    if want < ahead / 2 { 0 } else { want }
+}
+
+/// How fast this replica's calls finish, measured over windows of at least [`Pace::WINDOW`]:
+/// what `prefetch_ms` of work is in tasks.
+#[derive(Debug)]
+struct Pace {
+    since: Instant,
+    finished: u64,
+    per_s: f64,
+}
+
+impl Pace {
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    fn new() -> Self {
+        Self { since: Instant::now(), finished: 0, per_s: 0.0 }
+    }
+
+    /// Counts `n` finished calls; past a window, the rate becomes the mean of the last one and
+    /// this window's, so a fleet that slows down or stops is seen within a few windows.
+    fn record(&mut self, n: usize, now: Instant) {
+        self.finished += n as u64;
+        let dt = now.duration_since(self.since);
+        if dt >= Self::WINDOW {
+            let rate = self.finished as f64 / dt.as_secs_f64();
+            self.per_s = (self.per_s + rate) / 2.0;
+            (self.since, self.finished) = (now, 0);
+        }
+    }
+
+    /// Calls finished in `ms` at the current rate.
+    fn tasks_in(&self, ms: u64) -> usize {
+        (self.per_s * ms as f64 / 1000.0) as usize
+    }
 }
 
 pub(crate) struct WorkQueue<S>(PhantomData<fn() -> S>);
@@ -143,6 +185,7 @@ impl<S: Store> Actor for WorkQueue<S> {
             stopped: false,
             sweeps: 0,
             tasks,
+            pace: Pace::new(),
         })
     }
 
@@ -514,8 +557,10 @@ impl<S: Store> WorkQueueState<S> {
         (out, more)
     }
 
-    /// Free slots on servers that take calls; none while a batch of claimed tasks waits for
-    /// slots already (tasks routed to busy servers must not pile up here).
+    /// Free slots on servers that take calls, plus the work claimed ahead (`prefetch_ms`), less
+    /// what is parked already; none while a batch of claimed tasks waits for slots (tasks
+    /// routed to busy servers must not pile up here), and none while what is parked covers
+    /// half the work claimed ahead (claims then come in batches of at least the other half).
     fn credits(&self) -> usize {
         let servers = self.shared.servers();
         let ledger = self.shared.ledger();
@@ -527,7 +572,8 @@ impl<S: Store> WorkQueueState<S> {
             .filter(|s| s.takes_calls() && self.shared.caller(&s.cfg.name).is_some())
             .map(|s| s.cfg.max_concurrency.saturating_sub(ledger.load(&s.cfg.name)))
             .sum();
-        (free as usize).saturating_sub(ledger.parked())
+        let ahead = self.pace.tasks_in(self.cfg.prefetch_ms).min(self.cfg.max_batch);
+        claim_size(free as usize, ledger.parked(), ahead)
     }
 
     /// Adds claimed tasks to the ledger; answers whether it finished any (expired ones).
@@ -652,6 +698,12 @@ impl<S: Store> WorkQueueState<S> {
     /// writes: one per queue and kind of write.
     fn decide_done(&mut self) -> Vec<Write> {
         let done = self.shared.ledger().take_done();
+        // counted every round, so the rate falls while no call finishes
+        let calls = done
+            .iter()
+            .filter(|(_, e)| matches!(e.phase, Phase::Done(Settle::Attempt { .. })))
+            .count();
+        self.pace.record(calls, Instant::now());
         if done.is_empty() {
             return Vec::new();
         }
@@ -825,6 +877,41 @@ mod tests {
 
     fn attempt(outcome: Outcome<Value>) -> Settle {
         Settle::Attempt { server: "a".into(), outcome }
+    }
+
+    #[test]
+    fn claims_ahead_come_in_batches_of_half_the_work_ahead() {
+        // no work ahead: the free slots less what waits parked
+        assert_eq!(claim_size(4, 0, 0), 4);
+        assert_eq!(claim_size(2, 3, 0), 0);
+        // all slots busy: claimed ahead up to the work ahead, then not until half is used
+        assert_eq!(claim_size(0, 0, 100), 100);
+        assert_eq!(claim_size(0, 60, 100), 0);
+        assert_eq!(claim_size(0, 50, 100), 50);
+        // free slots are claimed for on top of it
+        assert_eq!(claim_size(8, 0, 100), 108);
+        assert_eq!(claim_size(8, 50, 100), 58);
+        assert_eq!(claim_size(8, 60, 100), 0);
+    }
+
+    #[test]
+    fn pace_follows_the_rate_calls_finish_at() {
+        let t0 = Instant::now();
+        let mut p = Pace { since: t0, finished: 0, per_s: 0.0 };
+        assert_eq!(p.tasks_in(10), 0);
+        // within a window nothing changes yet
+        p.record(50, t0 + Duration::from_millis(50));
+        assert_eq!(p.tasks_in(1000), 0);
+        // 100 calls in 100 ms: 1,000/s, averaged with the 0 before
+        p.record(50, t0 + Duration::from_millis(100));
+        assert_eq!(p.tasks_in(10), 5);
+        p.record(100, t0 + Duration::from_millis(200));
+        assert_eq!(p.tasks_in(10), 7);
+        // nothing finishes: the rate halves each window
+        p.record(0, t0 + Duration::from_millis(300));
+        assert_eq!(p.tasks_in(1000), 375);
+        p.record(0, t0 + Duration::from_millis(1300));
+        assert_eq!(p.tasks_in(1000), 187);
     }
 
     #[test]
