@@ -92,9 +92,10 @@ def run(a, dir, sock, pid):
         if not got:
             break
         items = []
-        for k in range(2, len(got), 2):
-            token = struct.unpack(">I", got[k + 1][11:15])[0]
-            items += [got[k], token, "s1", result]
+        ids = got[2]  # the claimed ids, 16 bytes each, then one record per id
+        for k, rec in enumerate(got[3:]):
+            token = struct.unpack(">I", rec[11:15])[0]
+            items += [ids[16 * k:16 * k + 16], token, "s1", result]
         pending.append(items)
     while pending:
         done += settle_oldest()

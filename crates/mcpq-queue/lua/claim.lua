@@ -4,8 +4,10 @@
 -- KEYS[4]: leases zset   KEYS[5]: events stream   KEYS[6]: meta hash
 -- ARGV[1]: events max length   ARGV[2]: max tasks   ARGV[3]: lease (ms)
 -- ARGV[4]: aging (ms per priority step; 0 = strict priority)   ARGV[5]: max priority levels read
--- Returns: {} when paused or empty; else {now_ms, deadline_ms, id1, record1, id2, record2, ...}
---          with each record as rewritten (running, attempt + 1, claims + 1 = its fencing token)
+-- Returns: {} when paused or empty; else {now_ms, deadline_ms, ids, record1, record2, ...}: ids
+--          the claimed ids, 16 bytes each, in the order of the records, each record as
+--          rewritten (running, attempt + 1, claims + 1 = its fencing token); one string for the
+--          ids, not one per task, as every reply value costs the client a parse
 -- Errors: none of its own
 if redis.call('HGET', KEYS[6], 'paused') == '1' then return {} end
 local want, aging = tonumber(ARGV[2]), tonumber(ARGV[4])
@@ -56,8 +58,8 @@ local deadline = now + tonumber(ARGV[3])
 local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local ev = events(KEYS[5], ARGV[1])
 -- the deadline as a string once: redis.call formats a number argument with sprintf each time
-local out, fields, leases, score = {now, deadline}, {}, {}, tostring(deadline)
-local o, f = 2, 0
+local out, fields, leases, score = {now, deadline, ''}, {}, {}, tostring(deadline)
+local got, o, f = {}, 3, 0
 for i, id in ipairs(ids) do
   local raw = recs[i]
   -- a listed id always has a record; skipping a missing one keeps the batch going
@@ -68,11 +70,13 @@ for i, id in ipairs(ids) do
     fields[f + 1], fields[f + 2] = id, rec
     leases[f + 1], leases[f + 2] = score, id
     f = f + 2
-    out[o + 1], out[o + 2] = id, rec
-    o = o + 2
+    o = o + 1
+    out[o] = rec
+    got[o - 3] = id
     ev.add('run', id, attempt + 1)
   end
 end
+out[3] = table.concat(got)
 if f > 0 then
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('ZADD', KEYS[4], unpack(leases))

@@ -2,8 +2,10 @@
 -- KEYS[1]: tasks hash   KEYS[2]: leases zset   KEYS[3]: succeeded list   KEYS[4]: events stream
 -- ARGV[1]: events max length   ARGV[2]: item count n
 -- ARGV[3..]: per item 4 values: id, token, server, result (MessagePack)
--- Returns: per item two values: applied 1|0, state code after the call (0 = no such task);
---          a stale token changes nothing and publishes nothing
+-- Returns: per item not applied, two values: its index (0-based) and its state code (0 = no
+--          such task); every other item was applied and is succeeded. A stale token changes
+--          nothing and publishes nothing. Empty in the usual case: a reply value per item
+--          would cost the client a parse each
 -- Errors: none of its own
 local n = tonumber(ARGV[2])
 local ids = {}
@@ -12,7 +14,7 @@ local recs = redis.call('HMGET', KEYS[1], unpack(ids))
 local now = now_ms()
 local fence, settle = fencer()
 local ev = events(KEYS[4], ARGV[1])
-local out, fields, applied, f = {}, {}, {}, 0
+local out, fields, applied, f, r = {}, {}, {}, 0, 0
 for i = 0, n - 1 do
   local b = 3 + i * 4
   local id, server, raw = ARGV[b], ARGV[b + 2], recs[i + 1]
@@ -28,9 +30,9 @@ for i = 0, n - 1 do
     applied[f] = id
     settle(id, SUCCEEDED)
     ev.add('ok', id, attempt, server)
-    out[2 * i + 1], out[2 * i + 2] = 1, SUCCEEDED
   else
-    out[2 * i + 1], out[2 * i + 2] = 0, current
+    out[r + 1], out[r + 2] = i, current
+    r = r + 2
   end
 end
 if f > 0 then

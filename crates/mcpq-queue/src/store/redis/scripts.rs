@@ -168,10 +168,14 @@ pub(super) async fn claim<C: ConnectionLike>(
         return Ok(ClaimReply { deadline_ms: 0, tasks: Vec::new() });
     }
     let deadline_ms = reply.get(1).map(|v| int(v, "claim")).transpose()?.unwrap_or(0) as u64;
-    let mut tasks = Vec::with_capacity(reply.len() / 2);
     let mut it = reply.into_iter().skip(2);
-    while let (Some(id), Some(rec)) = (it.next(), it.next()) {
-        let id = task_id(&id, "claim")?;
+    let ids = match it.next() {
+        Some(Value::BulkString(ids)) if ids.len() == 16 * it.len() => ids,
+        other => return Err(corrupt("claim", &other.unwrap_or(Value::Nil))),
+    };
+    let mut tasks = Vec::with_capacity(it.len());
+    for (id, rec) in ids.chunks_exact(16).zip(it) {
+        let id = TaskId::from_slice(id).ok_or_else(|| corrupt("claim", &Value::Nil))?;
         match rec {
             Value::BulkString(b) => tasks.push((id, b)),
             other => return Err(corrupt("claim", &other)),
@@ -211,7 +215,23 @@ pub(super) async fn complete<C: ConnectionLike>(
         c.encode_result(&mut result)?;
         inv.arg(c.id.as_bytes().as_slice()).arg(c.token.0).arg(&c.server).arg(&result[..]);
     }
-    settled(run(&inv, conn).await?, "complete")
+    // the reply names only the items not applied
+    let mut out = vec![Settled::Applied(TaskState::Succeeded); items.len()];
+    for (i, st) in pairs(run(&inv, conn).await?, "complete")? {
+        let code = int(&st, "complete")?;
+        let slot = usize::try_from(i).ok().and_then(|i| out.get_mut(i));
+        let Some(slot) = slot else {
+            return Err(Error::Corrupt(format!(
+                "complete: no item {i} in a batch of {}",
+                items.len()
+            )));
+        };
+        *slot = match code {
+            0 => Settled::Rejected(None),
+            c => Settled::Rejected(Some(state(c, "complete")?)),
+        };
+    }
+    Ok(out)
 }
 
 pub(super) async fn fail<C: ConnectionLike>(
