@@ -1,11 +1,12 @@
 //! The WorkQueue: claims as many tasks as online servers have free slots, plus a few ms of work
-//! ahead (credit-based, in batches), routes each one, hands it to the server's ClientActor, and records every outcome
-//! in the store in batches sent together with its next claim: executed → complete or fail; not delivered → released at once
-//! (that server avoided next time); ambiguous → retried with backoff when repeating is safe,
-//! else parked in review. It renews its leases every third of a lease, queues due tasks and
-//! takes back expired leases (any replica does), and wakes on completions, on a doorbell that
-//! watches the queue's event stream while idle, and on a slow poll. All its facts live in the
-//! shared ledger, so a restarted WorkQueue carries on where the crashed one stopped.
+//! ahead (credit-based, in batches), routes each one, hands it to the server's ClientActor, and
+//! records every outcome in the store in batches sent together with its next claim: executed →
+//! complete or fail; not delivered → released at once (that server avoided next time);
+//! ambiguous → retried with backoff when repeating is safe, else parked in review. It renews its
+//! leases every third of a lease, queues due tasks and takes back expired leases (any replica
+//! does), and wakes on completions, on a doorbell that watches the queue's event stream while
+//! idle, and on a slow poll. All its facts live in the shared ledger, so a restarted WorkQueue
+//! carries on where the crashed one stopped.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
