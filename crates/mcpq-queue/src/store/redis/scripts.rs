@@ -89,16 +89,20 @@ fn state(code: i64, what: &str) -> Result<TaskState> {
         .ok_or_else(|| Error::Corrupt(format!("{what}: unknown state code {code}")))
 }
 
+/// A settle not applied, from the task's state code (0: no such task).
+fn rejected(code: i64, what: &str) -> Result<Settled> {
+    Ok(Settled::Rejected(if code == 0 { None } else { Some(state(code, what)?) }))
+}
+
 fn settled(v: Value, what: &str) -> Result<Vec<Settled>> {
     pairs(v, what)?
         .into_iter()
         .map(|(applied, st)| {
             let code = int(&st, what)?;
-            Ok(match (applied, code) {
-                (1, c) => Settled::Applied(state(c, what)?),
-                (_, 0) => Settled::Rejected(None),
-                (_, c) => Settled::Rejected(Some(state(c, what)?)),
-            })
+            match applied {
+                1 => Ok(Settled::Applied(state(code, what)?)),
+                _ => rejected(code, what),
+            }
         })
         .collect()
 }
@@ -175,7 +179,8 @@ pub(super) async fn claim<C: ConnectionLike>(
     };
     let mut tasks = Vec::with_capacity(it.len());
     for (id, rec) in ids.chunks_exact(16).zip(it) {
-        let id = TaskId::from_slice(id).ok_or_else(|| corrupt("claim", &Value::Nil))?;
+        // 16 bytes each (chunks_exact), which is always a valid id
+        let id = TaskId::from_slice(id).ok_or_else(|| Error::Corrupt("claim: bad id".into()))?;
         match rec {
             Value::BulkString(b) => tasks.push((id, b)),
             other => return Err(corrupt("claim", &other)),
@@ -226,10 +231,7 @@ pub(super) async fn complete<C: ConnectionLike>(
                 items.len()
             )));
         };
-        *slot = match code {
-            0 => Settled::Rejected(None),
-            c => Settled::Rejected(Some(state(c, "complete")?)),
-        };
+        *slot = rejected(code, "complete")?;
     }
     Ok(out)
 }
