@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use mcpq_queue::{Error, NewTask, QueueName, Store, TaskId};
+use mcpq_queue::{Completion, Error, NewTask, QueueName, Settled, Store, TaskId, TaskState};
 use mcpq_tests::RedisServer;
 use serde_json::json;
 
@@ -81,5 +81,34 @@ async fn bad_queue_configuration_is_refused_at_open() -> Result<()> {
         Err(e) => assert!(e.to_string().contains("queues.mail.events_max"), "{e}"),
         Ok(_) => panic!("a zero-length event stream was accepted"),
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redis_that_forgot_the_scripts_is_sent_them_again() -> Result<()> {
+    let server = RedisServer::start()?;
+    let store = server.store(&[]).await?;
+    let q = QueueName::default();
+    let mut raw = server.raw()?;
+    let flush = |raw: &mut redis::Connection| redis::cmd("SCRIPT").arg("FLUSH").query::<()>(raw);
+    let tasks: Vec<NewTask> = (0..3).map(|i| NewTask::tool("echo", json!({ "i": i }))).collect();
+    store.enqueue(&q, &tasks).await?;
+    // as after a restart without persistence: every script must be loaded again
+    flush(&mut raw)?;
+    let claimed = store.claim(&q, 10, Duration::from_secs(30)).await?;
+    assert_eq!(claimed.len(), 3);
+    flush(&mut raw)?;
+    let done: Vec<Completion> = claimed
+        .iter()
+        .map(|c| Completion {
+            id: c.task.id,
+            token: c.token,
+            server: "s".into(),
+            result: json!({ "ok": true }),
+        })
+        .collect();
+    let settled = store.complete(&q, &done).await?;
+    assert!(settled.iter().all(|s| *s == Settled::Applied(TaskState::Succeeded)), "{settled:?}");
+    assert_eq!(store.stats(&q).await?.succeeded, 3);
     Ok(())
 }
