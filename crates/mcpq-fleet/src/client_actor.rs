@@ -5,7 +5,6 @@
 //! this actor no message unless the breaker must hear of it, and a crash of this actor loses
 //! no answer, since calls already started finish without it.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use mcpq_mcp::{
 };
 use mcpq_queue::{Call, ClaimToken, Task, TaskId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rustc_hash::FxHashSet;
 use serde_json::Value;
 use tokio::task::{AbortHandle, JoinHandle};
 
@@ -64,6 +64,8 @@ pub(crate) struct ClientState {
 /// (under the server table's lock) when its breaker opens or `Retry-After` pauses it.
 pub(crate) struct Caller {
     client: Arc<McpClient>,
+    /// The server's name, shared by the ledger entries of its calls instead of copied into each.
+    name: Arc<str>,
     /// Mirrors [`Breaker::is_quiet`]: a plain success need not be reported to the actor.
     quiet: AtomicBool,
     bucket: Option<Mutex<TokenBucket>>,
@@ -93,6 +95,7 @@ impl Actor for ClientActor {
             .then(|| TokenBucket::new(args.cfg.rate_limit, Instant::now()));
         let caller = Arc::new(Caller {
             client: Arc::new(client),
+            name: Arc::from(args.cfg.name.as_str()),
             quiet: AtomicBool::new(false),
             bucket: bucket.map(Mutex::new),
             default_timeout: args.default_timeout,
@@ -222,6 +225,11 @@ impl ClientState {
 }
 
 impl Caller {
+    /// The name of the server it calls.
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// Spawns the call of a task for `server`; answers the handle that aborts it. The call
     /// waits for the rate limit, then goes out only if the ledger still holds the task as sent
     /// under this claim, and records its outcome in the ledger.
@@ -230,13 +238,12 @@ impl Caller {
         shared: &Arc<Shared>,
         task: Arc<Task>,
         token: ClaimToken,
-        server: &str,
     ) -> AbortHandle {
         let wait = self.bucket.as_ref().map_or(Duration::ZERO, |b| {
             b.lock().unwrap_or_else(|e| e.into_inner()).take(Instant::now())
         });
         let limit = task.timeout.unwrap_or(self.default_timeout);
-        let (caller, shared, name) = (self.clone(), shared.clone(), server.to_owned());
+        let (caller, shared, name) = (self.clone(), shared.clone(), self.name.clone());
         let run = tokio::spawn(async move {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
@@ -297,7 +304,7 @@ pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 struct Unfinished {
     shared: Arc<Shared>,
     id: TaskId,
-    server: String,
+    server: Arc<str>,
     armed: bool,
 }
 
@@ -307,7 +314,7 @@ impl Drop for Unfinished {
             return;
         }
         let outcome = Outcome::Ambiguous { reason: "the call ended abnormally".to_owned() };
-        let server = std::mem::take(&mut self.server);
+        let server = self.server.clone();
         if self.shared.ledger().finish(self.id, Settle::Attempt { server, outcome }) {
             self.shared.pump();
         }
@@ -340,8 +347,8 @@ async fn execute(client: &McpClient, task: &Task) -> Outcome<Value> {
 
 /// The names of listed tools, and which of them a trusted server marks safe to repeat.
 fn tool_set(list: &[Value], trusted: bool) -> Tools {
-    let mut names = HashSet::new();
-    let mut safe = HashSet::new();
+    let mut names = FxHashSet::default();
+    let mut safe = FxHashSet::default();
     for t in list {
         let Some(name) = t.get("name").and_then(Value::as_str) else { continue };
         names.insert(name.to_owned());

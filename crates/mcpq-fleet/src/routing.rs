@@ -3,10 +3,9 @@
 //! tool call, when their tool list is known — offering the tool. The strategy picks among them.
 //! When none qualifies the task waits (it is never failed for it) and the answer says why.
 
-use std::collections::HashSet;
-
 use mcpq_queue::{Call, Route, Strategy};
 use rand::Rng;
+use rustc_hash::FxHashSet;
 
 /// What the router needs to know of one server.
 #[derive(Clone, Copy, Debug)]
@@ -23,8 +22,8 @@ pub struct ServerView<'a> {
     pub max_concurrency: u32,
     /// Whether the health monitor counts it online (degraded servers are still used).
     pub online: bool,
-    /// Its tool names, once listed.
-    pub tools: Option<&'a HashSet<String>>,
+    /// Its tool names, once listed (looked up for every task placed: FxHash, not SipHash).
+    pub tools: Option<&'a FxHashSet<String>>,
 }
 
 impl ServerView<'_> {
@@ -127,7 +126,7 @@ mod tests {
 
     struct Fleet {
         tags: Vec<Vec<String>>,
-        tools: Vec<Option<HashSet<String>>>,
+        tools: Vec<Option<FxHashSet<String>>>,
         load: Vec<(u32, u32)>,
         weight: Vec<u32>,
         online: Vec<bool>,
@@ -195,13 +194,13 @@ mod tests {
     #[test]
     fn servers_that_listed_their_tools_must_offer_the_tool() {
         let mut f = Fleet::new();
-        f.tools = vec![Some(HashSet::from(["other".into()])); 4];
-        f.tools[3] = Some(HashSet::from(["echo".into()]));
+        f.tools = vec![Some(FxHashSet::from_iter(["other".into()])); 4];
+        f.tools[3] = Some(FxHashSet::from_iter(["echo".into()]));
         assert_eq!(pick(&f, &Route::default(), Strategy::RoundRobin), Ok(3));
         f.tools[3] = None;
         // a server whose tools are not listed yet may still be asked
         assert_eq!(pick(&f, &Route::default(), Strategy::RoundRobin), Ok(3));
-        f.tools[3] = Some(HashSet::new());
+        f.tools[3] = Some(FxHashSet::default());
         assert_eq!(pick(&f, &Route::default(), Strategy::RoundRobin), Err(Wait::NoServerOffers));
         // resources and prompts are not filtered by the tool list
         let read = Call::Resource { uri: "mem://x".into() };
@@ -254,7 +253,7 @@ mod tests {
         f.load[3] = (4, 4);
         let mut r = Router::default();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut seen = HashSet::new();
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             let i =
                 r.pick(&Route::default(), &echo(), &f.views(), Strategy::Random, &mut rng).unwrap();

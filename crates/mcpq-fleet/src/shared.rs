@@ -4,7 +4,7 @@
 //! actors are only wake-ups, the facts live in these tables. Locks are plain mutexes, held
 //! for a few lookups and never across an await; the lock order is servers, then ledger.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mcpq_mcp::{Outcome, ServerConfig};
 use mcpq_queue::{ClaimToken, QueueName, Task, TaskId};
 use ractor::ActorRef;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
@@ -47,10 +47,10 @@ impl Health {
 /// The tools a server listed.
 #[derive(Debug, Default)]
 pub(crate) struct Tools {
-    pub(crate) names: HashSet<String>,
+    pub(crate) names: FxHashSet<String>,
     /// Tools whose annotations say a repeat is harmless (`idempotentHint` or `readOnlyHint`);
     /// filled only for servers marked `trusted`.
-    pub(crate) safe: HashSet<String>,
+    pub(crate) safe: FxHashSet<String>,
 }
 
 /// One row of the server table.
@@ -89,7 +89,7 @@ impl ServerInfo {
 #[derive(Debug)]
 pub(crate) enum Settle {
     /// The attempt ran (or tried to) on `server`.
-    Attempt { server: String, outcome: Outcome<Value> },
+    Attempt { server: Arc<str>, outcome: Outcome<Value> },
     /// Hand back without an attempt (no server can take it now, or shutting down).
     Release { delay: Duration, reason: String },
     /// Fail for good without an attempt.
@@ -104,9 +104,9 @@ pub(crate) enum Phase {
     Parked,
     /// Its call is spawned for `server` but the request has not gone out (a rate limit may
     /// hold it): taken away now, it was not delivered.
-    Sent { server: String, abort: AbortHandle },
+    Sent { server: Arc<str>, abort: AbortHandle },
     /// The call runs.
-    Calling { server: String, abort: AbortHandle },
+    Calling { server: Arc<str>, abort: AbortHandle },
     /// Finished; waiting to be recorded in the store.
     Done(Settle),
 }
@@ -169,15 +169,15 @@ impl Ledger {
 
     /// Marks a parked task sent: its call, spawned for `server`, can be aborted with `abort`.
     /// False (and the call aborted) when the task is not parked.
-    pub(crate) fn send(&mut self, id: TaskId, server: &str, abort: AbortHandle) -> bool {
+    pub(crate) fn send(&mut self, id: TaskId, server: &Arc<str>, abort: AbortHandle) -> bool {
         match self.entries.get_mut(&id) {
             Some(e) if matches!(e.phase, Phase::Parked) => {
                 unpark(&mut self.parked, id);
-                e.phase = Phase::Sent { server: server.to_owned(), abort };
-                match self.load.get_mut(server) {
+                e.phase = Phase::Sent { server: server.clone(), abort };
+                match self.load.get_mut(&**server) {
                     Some(n) => *n += 1,
                     None => {
-                        self.load.insert(server.to_owned(), 1);
+                        self.load.insert((**server).to_owned(), 1);
                     }
                 }
                 true
@@ -212,7 +212,7 @@ impl Ledger {
             Phase::Done(_) => return false,
             Phase::Parked => unpark(&mut self.parked, id),
             Phase::Sent { server, .. } | Phase::Calling { server, .. } => {
-                if let Some(n) = self.load.get_mut(server) {
+                if let Some(n) = self.load.get_mut(&**server) {
                     *n = n.saturating_sub(1);
                 }
             }
@@ -226,7 +226,7 @@ impl Ledger {
     /// never delivered, running ones are aborted and their outcome is unknown. Answers how many.
     pub(crate) fn redistribute(&mut self, server: &str, reason: &str) -> usize {
         self.finish_where(reason, |p| match p {
-            Phase::Sent { server: s, .. } | Phase::Calling { server: s, .. } => s == server,
+            Phase::Sent { server: s, .. } | Phase::Calling { server: s, .. } => **s == *server,
             _ => false,
         })
     }
@@ -615,7 +615,7 @@ pub(crate) mod tests {
         l.insert(id, Entry::new(QueueName::default(), t, token));
         assert_eq!(l.parked(), 1);
         let call = tokio::spawn(std::future::pending::<()>());
-        assert!(l.send(id, "a", call.abort_handle()));
+        assert!(l.send(id, &Arc::from("a"), call.abort_handle()));
         assert_eq!((l.parked(), l.load("a")), (0, 1));
         assert!(!l.start(id, ClaimToken::from_raw(2)), "another claim's call does not start");
         assert!(l.start(id, token));

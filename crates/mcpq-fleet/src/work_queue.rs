@@ -342,46 +342,52 @@ pub(crate) fn decide(
     let retry =
         |rng: &mut StdRng| Disposition::Retry { delay: task.backoff.delay(task.attempt, rng) };
     match settle {
-        Settle::Attempt { server, outcome } => match outcome {
-            Outcome::Executed(Ok(result)) => {
-                if matches!(task.call, Call::Tool { .. })
-                    && result.get("isError").and_then(Value::as_bool) == Some(true)
-                {
-                    let error = format!("tool reported an error: {}", error_text(&result));
-                    Decision::Fail { server, error, disposition: Disposition::Fatal }
-                } else {
-                    Decision::Complete { server, result }
+        Settle::Attempt { server, outcome } => {
+            let server = server.to_string();
+            match outcome {
+                Outcome::Executed(Ok(result)) => {
+                    if matches!(task.call, Call::Tool { .. })
+                        && result.get("isError").and_then(Value::as_bool) == Some(true)
+                    {
+                        let error = format!("tool reported an error: {}", error_text(&result));
+                        Decision::Fail { server, error, disposition: Disposition::Fatal }
+                    } else {
+                        Decision::Complete { server, result }
+                    }
+                }
+                Outcome::Executed(Err(e)) => {
+                    let disposition = if PERMANENT_CODES.contains(&e.code) || !repeatable {
+                        Disposition::Fatal
+                    } else {
+                        retry(rng)
+                    };
+                    let error = format!("error {} from {server}: {}", e.code, e.message);
+                    Decision::Fail { server, error, disposition }
+                }
+                Outcome::NotDelivered { reason, retry_after } => {
+                    let reason = format!("not delivered to {server}: {reason}");
+                    let asked = retry_after.unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER);
+                    if refused.count > MAX_REFUSALS {
+                        // refused again and again (a 4xx this request keeps getting): spend
+                        // attempts, so the task ends dead with the reason instead of looping
+                        Decision::Fail { server, error: reason, disposition: retry(rng) }
+                    } else if refused.count > 1 {
+                        let backoff = Duration::from_millis(50 << refused.count.min(10));
+                        Decision::Release {
+                            delay: asked.max(backoff.min(refused.max_delay)),
+                            reason,
+                        }
+                    } else {
+                        Decision::Release { delay: asked, reason }
+                    }
+                }
+                Outcome::Ambiguous { reason } => {
+                    let disposition = if repeatable { retry(rng) } else { Disposition::Review };
+                    let error = format!("outcome unknown on {server}: {reason}");
+                    Decision::Fail { server, error, disposition }
                 }
             }
-            Outcome::Executed(Err(e)) => {
-                let disposition = if PERMANENT_CODES.contains(&e.code) || !repeatable {
-                    Disposition::Fatal
-                } else {
-                    retry(rng)
-                };
-                let error = format!("error {} from {server}: {}", e.code, e.message);
-                Decision::Fail { server, error, disposition }
-            }
-            Outcome::NotDelivered { reason, retry_after } => {
-                let reason = format!("not delivered to {server}: {reason}");
-                let asked = retry_after.unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER);
-                if refused.count > MAX_REFUSALS {
-                    // refused again and again (a 4xx this request keeps getting): spend
-                    // attempts, so the task ends dead with the reason instead of looping
-                    Decision::Fail { server, error: reason, disposition: retry(rng) }
-                } else if refused.count > 1 {
-                    let backoff = Duration::from_millis(50 << refused.count.min(10));
-                    Decision::Release { delay: asked.max(backoff.min(refused.max_delay)), reason }
-                } else {
-                    Decision::Release { delay: asked, reason }
-                }
-            }
-            Outcome::Ambiguous { reason } => {
-                let disposition = if repeatable { retry(rng) } else { Disposition::Review };
-                let error = format!("outcome unknown on {server}: {reason}");
-                Decision::Fail { server, error, disposition }
-            }
-        },
+        }
         Settle::Release { delay, reason } => Decision::Release { delay, reason },
         Settle::Expire { reason } => {
             Decision::Fail { server: String::new(), error: reason, disposition: Disposition::Fatal }
@@ -652,11 +658,10 @@ impl<S: Store> WorkQueueState<S> {
             }
             match pick {
                 Ok(i) => {
-                    let name = &servers[i].cfg.name;
                     let Some(caller) = &callers[i] else { continue };
                     // the call waits for the ledger's lock, held here, before it goes out
-                    let call = caller.start(&self.shared, task, entry_token, name);
-                    if ledger.send(id, name, call) {
+                    let call = caller.start(&self.shared, task, entry_token);
+                    if ledger.send(id, caller.name(), call) {
                         views[i].in_flight += 1;
                         Counters::add(&self.shared.counters.dispatched, 1);
                     }
@@ -727,7 +732,7 @@ impl<S: Store> WorkQueueState<S> {
             if let Settle::Attempt { server, outcome: Outcome::NotDelivered { .. } } = &settle {
                 let e = self.avoid.entry(id).or_insert((String::new(), Instant::now(), 0));
                 e.2 += 1;
-                (e.0, e.1, refusals) = (server.clone(), Instant::now(), e.2);
+                (e.0, e.1, refusals) = (server.to_string(), Instant::now(), e.2);
             }
             let token = entry.token;
             let refused =
