@@ -261,7 +261,13 @@ async fn bench_runs_every_measure_and_accounts_for_every_task() -> Result<()> {
         ensure!(d["tasks_per_s"].as_f64() > Some(0.0) && d["of_ceiling"].as_f64() > Some(0.0));
         let run = &d["runs"][0];
         let top = run["ceiling_calls_per_s"].as_f64();
-        ensure!(top > Some(0.0), "each drain has a ceiling run of its own: {d}");
+        let (before, after) = (run["ceiling_before"].as_f64(), run["ceiling_after"].as_f64());
+        ensure!(before > Some(0.0) && after > Some(0.0), "ceiling runs around each drain: {d}");
+        let mean = before.zip(after).map(|(b, a)| (b + a) / 2.0);
+        ensure!(
+            top.zip(mean).is_some_and(|(t, m)| (t - m).abs() < 1e-9),
+            "its ceiling is the mean of the two: {d}"
+        );
         let ratio = run["tasks_per_s"].as_f64().zip(top).map(|(rate, top)| rate / top);
         let said = run["of_ceiling"].as_f64();
         ensure!(

@@ -142,7 +142,8 @@ struct DrainRow {
     servers: usize,
     tasks: u64,
     tasks_per_s: f64,
-    /// Median over the runs of a drain's rate over the rate of the ceiling run just before it.
+    /// Median over the runs of a drain's rate over the mean rate of the ceiling runs just
+    /// before and just after it.
     of_ceiling: f64,
     mcpq_cpu_us_per_task: f64,
     server_cpu_us_per_task: f64,
@@ -377,7 +378,9 @@ macro_rules! on_fresh_store {
     };
 }
 
-/// Drains, each right after a ceiling run of its own to be set against.
+/// Drains, each between two ceiling runs of its own to be set against: the VM's speed drifts
+/// within seconds, and the mean of a ceiling before and one after tracks the drain's moment
+/// better than either alone.
 async fn drain_row(
     args: &BenchArgs,
     backend: &mut Backend,
@@ -388,8 +391,8 @@ async fn drain_row(
     let k = clients.len();
     let mut runs = Vec::new();
     for run in 1..=args.runs {
-        progress(format_args!("drain, {}, {k} servers, run {run}: its ceiling", kind.label()));
-        let top = measure::ceiling(clients, echo, args.tasks as usize).await?.calls_per_s;
+        progress(format_args!("drain, {}, {k} servers, run {run}: ceiling before", kind.label()));
+        let before = measure::ceiling(clients, echo, args.tasks as usize).await?.calls_per_s;
         progress(format_args!("drain, {}, {k} servers, run {run}", kind.label()));
         let name = format!("drain-{k}-{run}");
         let urls = echo.urls.clone();
@@ -398,7 +401,16 @@ async fn drain_row(
             measure::drain(store, &urls, echo, redis, args.tasks).await?
         });
         check(&r.accounting, "drain")?;
-        runs.push(DrainRun { ceiling_calls_per_s: top, of_ceiling: r.tasks_per_s / top, ..r });
+        progress(format_args!("drain, {}, {k} servers, run {run}: ceiling after", kind.label()));
+        let after = measure::ceiling(clients, echo, args.tasks as usize).await?.calls_per_s;
+        let top = (before + after) / 2.0;
+        runs.push(DrainRun {
+            ceiling_before: before,
+            ceiling_after: after,
+            ceiling_calls_per_s: top,
+            of_ceiling: r.tasks_per_s / top,
+            ..r
+        });
     }
     Ok(DrainRow {
         store: kind,
@@ -662,7 +674,8 @@ fn print_report(r: &Report) {
                 d.peak_rss_mib
             ));
         }
-        out("  ×ceil: each drain over a ceiling run just before it, the median of those ratios;");
+        out("  ×ceil: each drain over the mean of ceiling runs just before and after it, the");
+        out("  median of those ratios;");
         out("  µs: CPU per task of mcpq (this process), the servers and Redis; cmds: Redis");
         out("  commands per task, scripts' included; trips: client round trips per task");
     }

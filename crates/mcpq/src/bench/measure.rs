@@ -199,8 +199,11 @@ pub(crate) struct DrainRun {
     pub(crate) redis_round_trips_per_task: Option<f64>,
     pub(crate) peak_rss_mib: f64,
     pub(crate) accounting: Accounting,
-    /// Calls per second of a ceiling run just before this drain, and the drain's ratio to it:
-    /// the machine's speed drifts (CPU steal), so each drain is set against its neighbour.
+    /// Calls per second of the ceiling runs just before and just after this drain, their
+    /// mean, and the drain's ratio to the mean: the machine's speed drifts (CPU steal), so each
+    /// drain is set against its neighbours.
+    pub(crate) ceiling_before: f64,
+    pub(crate) ceiling_after: f64,
     pub(crate) ceiling_calls_per_s: f64,
     pub(crate) of_ceiling: f64,
 }
@@ -247,6 +250,8 @@ pub(crate) async fn drain<S: Store>(
         redis_round_trips_per_task: redis_used.map(|r| per(r.round_trips as f64)),
         peak_rss_mib: peak as f64 / (1 << 20) as f64,
         accounting,
+        ceiling_before: f64::NAN,
+        ceiling_after: f64::NAN,
         ceiling_calls_per_s: f64::NAN,
         of_ceiling: f64::NAN,
     })
