@@ -133,7 +133,8 @@ async fn claim_one<S: Store>(s: &S, lease: Duration) -> Result<Claimed> {
     Ok(c.remove(0))
 }
 
-fn done(c: &Claimed) -> Completion {
+/// The success of a claimed task, as a dispatcher records it.
+pub(crate) fn done(c: &Claimed) -> Completion {
     Completion { id: c.task.id, token: c.token, server: "s1".into(), result: json!({"ok": 1}) }
 }
 

@@ -98,15 +98,7 @@ async fn a_redis_that_forgot_the_scripts_is_sent_them_again() -> Result<()> {
     let claimed = store.claim(&q, 10, Duration::from_secs(30)).await?;
     assert_eq!(claimed.len(), 3);
     flush(&mut raw)?;
-    let done: Vec<Completion> = claimed
-        .iter()
-        .map(|c| Completion {
-            id: c.task.id,
-            token: c.token,
-            server: "s".into(),
-            result: json!({ "ok": true }),
-        })
-        .collect();
+    let done: Vec<Completion> = claimed.iter().map(crate::store_conformance::done).collect();
     let settled = store.complete(&q, &done).await?;
     assert!(settled.iter().all(|s| *s == Settled::Applied(TaskState::Succeeded)), "{settled:?}");
     assert_eq!(store.stats(&q).await?.succeeded, 3);

@@ -230,9 +230,9 @@ impl Caller {
         &self.name
     }
 
-    /// Spawns the call of a task for `server`; answers the handle that aborts it. The call
-    /// waits for the rate limit, then goes out only if the ledger still holds the task as sent
-    /// under this claim, and records its outcome in the ledger.
+    /// Spawns the call of a task to this caller's server; answers the handle that aborts it.
+    /// The call waits for the rate limit, then goes out only if the ledger still holds the task
+    /// as sent under this claim, and records its outcome in the ledger.
     pub(crate) fn start(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
