@@ -110,51 +110,35 @@ fn settled(v: Value, what: &str) -> Result<Vec<Settled>> {
 /// A script call, built straight into one `EVALSHA` command. redis-rs's `ScriptInvocation`
 /// keeps each argument in a `Vec` of its own and copies them all into a command when it runs:
 /// with four arguments per completed task, that was four allocations and two copies per task.
+/// The keys come first, all at once, as `EVALSHA` counts them before the arguments.
 struct Invocation<'a> {
     script: &'a Script,
-    keys: Vec<&'a str>,
-    cmd: Option<Cmd>,
+    cmd: Cmd,
 }
 
 impl<'a> Invocation<'a> {
-    fn new(script: &'a Script) -> Self {
-        Self { script, keys: Vec::new(), cmd: None }
-    }
-
-    /// Adds a key; every key comes before the first argument.
-    fn key(&mut self, key: &'a str) -> &mut Self {
-        debug_assert!(self.cmd.is_none(), "a key after an argument");
-        self.keys.push(key);
-        self
+    fn new<K: AsRef<str>>(script: &'a Script, keys: &[K]) -> Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len());
+        for k in keys {
+            cmd.arg(k.as_ref());
+        }
+        Self { script, cmd }
     }
 
     fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
-        self.command().arg(arg);
+        self.cmd.arg(arg);
         self
-    }
-
-    fn command(&mut self) -> &mut Cmd {
-        let (script, keys) = (self.script, &self.keys);
-        self.cmd.get_or_insert_with(|| {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(script.get_hash()).arg(keys.len());
-            for k in keys {
-                cmd.arg(*k);
-            }
-            cmd
-        })
     }
 }
 
 /// Runs a script call; a server that does not know the script (restarted, flushed) is sent it
 /// once and asked again.
-async fn run<C: ConnectionLike>(inv: &mut Invocation<'_>, conn: &mut C) -> Result<Value> {
-    let script = inv.script;
-    let cmd = inv.command();
-    match cmd.query_async(conn).await {
+async fn run<C: ConnectionLike>(inv: &Invocation<'_>, conn: &mut C) -> Result<Value> {
+    match inv.cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            script.load_async(conn).await?;
-            Ok(cmd.query_async(conn).await?)
+            inv.script.load_async(conn).await?;
+            Ok(inv.cmd.query_async(conn).await?)
         }
         other => Ok(other?),
     }
@@ -172,11 +156,9 @@ pub(super) async fn enqueue<C: ConnectionLike>(
         .filter_map(|t| t.task.idempotency_key.as_ref())
         .map(|key| k.idempotency(key))
         .collect();
-    let mut inv = Invocation::new(&ENQUEUE);
-    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.events);
-    for key in &idempotency {
-        inv.key(key);
-    }
+    let mut keys = vec![&k.tasks, &k.ready, &k.prios, &k.scheduled, &k.events];
+    keys.extend(&idempotency);
+    let mut inv = Invocation::new(&ENQUEUE, &keys);
     inv.arg(cfg.events_max).arg(cfg.idempotency_ttl_ms).arg(tasks.len());
     let mut next_key = 6;
     for t in tasks {
@@ -194,7 +176,7 @@ pub(super) async fn enqueue<C: ConnectionLike>(
             .arg(key_index)
             .arg(t.spec.as_slice());
     }
-    pairs(run(&mut inv, conn).await?, "enqueue")?
+    pairs(run(&inv, conn).await?, "enqueue")?
         .into_iter()
         .map(|(code, id)| {
             let id = task_id(&id, "enqueue")?;
@@ -220,10 +202,10 @@ pub(super) async fn claim<C: ConnectionLike>(
     max: usize,
     lease: Duration,
 ) -> Result<ClaimReply> {
-    let mut inv = Invocation::new(&CLAIM);
-    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.leases).key(&k.events).key(&k.meta);
+    let mut inv =
+        Invocation::new(&CLAIM, &[&k.tasks, &k.ready, &k.prios, &k.leases, &k.events, &k.meta]);
     inv.arg(cfg.events_max).arg(max).arg(millis(lease)).arg(cfg.aging_ms).arg(MAX_PRIORITY_LEVELS);
-    let reply = array(run(&mut inv, conn).await?, "claim")?;
+    let reply = array(run(&inv, conn).await?, "claim")?;
     if reply.is_empty() {
         return Ok(ClaimReply { deadline_ms: 0, tasks: Vec::new() });
     }
@@ -251,12 +233,12 @@ pub(super) async fn renew<C: ConnectionLike>(
     leases: &[(TaskId, ClaimToken)],
     lease: Duration,
 ) -> Result<Vec<bool>> {
-    let mut inv = Invocation::new(&RENEW);
-    inv.key(&k.tasks).key(&k.leases).arg(millis(lease)).arg(leases.len());
+    let mut inv = Invocation::new(&RENEW, &[&k.tasks, &k.leases]);
+    inv.arg(millis(lease)).arg(leases.len());
     for (id, token) in leases {
         inv.arg(id.as_bytes().as_slice()).arg(token.0);
     }
-    let reply = array(run(&mut inv, conn).await?, "renew")?;
+    let reply = array(run(&inv, conn).await?, "renew")?;
     reply.iter().skip(1).map(|v| Ok(int(v, "renew")? == 1)).collect()
 }
 
@@ -266,8 +248,7 @@ pub(super) async fn complete<C: ConnectionLike>(
     cfg: &QueueConfig,
     items: &[Completion],
 ) -> Result<Vec<Settled>> {
-    let mut inv = Invocation::new(&COMPLETE);
-    inv.key(&k.tasks).key(&k.leases).key(&k.succeeded).key(&k.events);
+    let mut inv = Invocation::new(&COMPLETE, &[&k.tasks, &k.leases, &k.succeeded, &k.events]);
     inv.arg(cfg.events_max).arg(items.len());
     // one buffer for every result: most are small, and each would otherwise grow its own
     let mut result = Vec::with_capacity(256);
@@ -278,7 +259,7 @@ pub(super) async fn complete<C: ConnectionLike>(
     }
     // the reply names only the items not applied
     let mut out = vec![Settled::Applied(TaskState::Succeeded); items.len()];
-    for (i, st) in pairs(run(&mut inv, conn).await?, "complete")? {
+    for (i, st) in pairs(run(&inv, conn).await?, "complete")? {
         let code = int(&st, "complete")?;
         let slot = usize::try_from(i).ok().and_then(|i| out.get_mut(i));
         let Some(slot) = slot else {
@@ -298,9 +279,20 @@ pub(super) async fn fail<C: ConnectionLike>(
     cfg: &QueueConfig,
     items: &[Failure],
 ) -> Result<Vec<Settled>> {
-    let mut inv = Invocation::new(&FAIL);
-    inv.key(&k.tasks).key(&k.leases).key(&k.ready).key(&k.prios).key(&k.scheduled);
-    inv.key(&k.failed).key(&k.dead).key(&k.review).key(&k.events);
+    let mut inv = Invocation::new(
+        &FAIL,
+        &[
+            &k.tasks,
+            &k.leases,
+            &k.ready,
+            &k.prios,
+            &k.scheduled,
+            &k.failed,
+            &k.dead,
+            &k.review,
+            &k.events,
+        ],
+    );
     inv.arg(cfg.events_max).arg(items.len());
     for f in items {
         let (disposition, delay) = match f.disposition {
@@ -311,7 +303,7 @@ pub(super) async fn fail<C: ConnectionLike>(
         inv.arg(f.id.as_bytes().as_slice()).arg(f.token.0).arg(&f.server).arg(&f.error);
         inv.arg(disposition).arg(delay);
     }
-    settled(run(&mut inv, conn).await?, "fail")
+    settled(run(&inv, conn).await?, "fail")
 }
 
 pub(super) async fn release<C: ConnectionLike>(
@@ -320,13 +312,15 @@ pub(super) async fn release<C: ConnectionLike>(
     cfg: &QueueConfig,
     items: &[Release],
 ) -> Result<Vec<Settled>> {
-    let mut inv = Invocation::new(&RELEASE);
-    inv.key(&k.tasks).key(&k.leases).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.events);
+    let mut inv = Invocation::new(
+        &RELEASE,
+        &[&k.tasks, &k.leases, &k.ready, &k.prios, &k.scheduled, &k.events],
+    );
     inv.arg(cfg.events_max).arg(items.len());
     for r in items {
         inv.arg(r.id.as_bytes().as_slice()).arg(r.token.0).arg(millis(r.delay)).arg(&r.reason);
     }
-    settled(run(&mut inv, conn).await?, "release")
+    settled(run(&inv, conn).await?, "release")
 }
 
 /// `(code, state)`: code 1 done, 0 refused in `state`, -1 no such task.
@@ -336,11 +330,21 @@ pub(super) async fn cancel<C: ConnectionLike>(
     cfg: &QueueConfig,
     id: TaskId,
 ) -> Result<(i64, Option<TaskState>)> {
-    let mut inv = Invocation::new(&CANCEL);
-    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.leases);
-    inv.key(&k.review).key(&k.cancelled).key(&k.events);
+    let mut inv = Invocation::new(
+        &CANCEL,
+        &[
+            &k.tasks,
+            &k.ready,
+            &k.prios,
+            &k.scheduled,
+            &k.leases,
+            &k.review,
+            &k.cancelled,
+            &k.events,
+        ],
+    );
     inv.arg(cfg.events_max).arg(id.as_bytes().as_slice());
-    one_pair(run(&mut inv, conn).await?, "cancel")
+    one_pair(run(&inv, conn).await?, "cancel")
 }
 
 /// `(code, state)`: code 1 done, 0 refused in `state`, -1 no such task.
@@ -350,11 +354,12 @@ pub(super) async fn retry<C: ConnectionLike>(
     cfg: &QueueConfig,
     id: TaskId,
 ) -> Result<(i64, Option<TaskState>)> {
-    let mut inv = Invocation::new(&RETRY);
-    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.review).key(&k.dead);
-    inv.key(&k.failed).key(&k.cancelled).key(&k.events);
+    let mut inv = Invocation::new(
+        &RETRY,
+        &[&k.tasks, &k.ready, &k.prios, &k.review, &k.dead, &k.failed, &k.cancelled, &k.events],
+    );
     inv.arg(cfg.events_max).arg(id.as_bytes().as_slice());
-    one_pair(run(&mut inv, conn).await?, "retry")
+    one_pair(run(&inv, conn).await?, "retry")
 }
 
 fn one_pair(v: Value, what: &str) -> Result<(i64, Option<TaskState>)> {
@@ -375,10 +380,10 @@ pub(super) async fn promote_due<C: ConnectionLike>(
     cfg: &QueueConfig,
     max: usize,
 ) -> Result<u64> {
-    let mut inv = Invocation::new(&PROMOTE_DUE);
-    inv.key(&k.tasks).key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.events);
+    let mut inv =
+        Invocation::new(&PROMOTE_DUE, &[&k.tasks, &k.ready, &k.prios, &k.scheduled, &k.events]);
     inv.arg(cfg.events_max).arg(max);
-    Ok(int(&run(&mut inv, conn).await?, "promote_due")? as u64)
+    Ok(int(&run(&inv, conn).await?, "promote_due")? as u64)
 }
 
 pub(super) async fn reap_expired<C: ConnectionLike>(
@@ -387,10 +392,12 @@ pub(super) async fn reap_expired<C: ConnectionLike>(
     cfg: &QueueConfig,
     max: usize,
 ) -> Result<u64> {
-    let mut inv = Invocation::new(&REAP_EXPIRED);
-    inv.key(&k.tasks).key(&k.leases).key(&k.ready).key(&k.prios).key(&k.dead).key(&k.review);
-    inv.key(&k.events).arg(cfg.events_max).arg(max);
-    Ok(int(&run(&mut inv, conn).await?, "reap_expired")? as u64)
+    let mut inv = Invocation::new(
+        &REAP_EXPIRED,
+        &[&k.tasks, &k.leases, &k.ready, &k.prios, &k.dead, &k.review, &k.events],
+    );
+    inv.arg(cfg.events_max).arg(max);
+    Ok(int(&run(&inv, conn).await?, "reap_expired")? as u64)
 }
 
 /// Most finished tasks one trim call forgets per state.
@@ -401,17 +408,29 @@ pub(super) async fn trim<C: ConnectionLike>(
     k: &Keys,
     cfg: &QueueConfig,
 ) -> Result<u64> {
-    let mut inv = Invocation::new(&TRIM);
-    inv.key(&k.tasks).key(&k.succeeded).key(&k.failed).key(&k.cancelled).key(&k.dead);
+    let mut inv =
+        Invocation::new(&TRIM, &[&k.tasks, &k.succeeded, &k.failed, &k.cancelled, &k.dead]);
     inv.arg(cfg.keep_finished).arg(cfg.finished_ttl_ms).arg(TRIM_BATCH);
-    Ok(int(&run(&mut inv, conn).await?, "trim")? as u64)
+    Ok(int(&run(&inv, conn).await?, "trim")? as u64)
 }
 
 pub(super) async fn stats<C: ConnectionLike>(conn: &mut C, k: &Keys) -> Result<QueueStats> {
-    let mut inv = Invocation::new(&STATS);
-    inv.key(&k.ready).key(&k.prios).key(&k.scheduled).key(&k.leases).key(&k.review);
-    inv.key(&k.succeeded).key(&k.failed).key(&k.dead).key(&k.cancelled).key(&k.meta);
-    let v = array(run(&mut inv, conn).await?, "stats")?;
+    let inv = Invocation::new(
+        &STATS,
+        &[
+            &k.ready,
+            &k.prios,
+            &k.scheduled,
+            &k.leases,
+            &k.review,
+            &k.succeeded,
+            &k.failed,
+            &k.dead,
+            &k.cancelled,
+            &k.meta,
+        ],
+    );
+    let v = array(run(&inv, conn).await?, "stats")?;
     let n: Vec<u64> = v.iter().map(|x| int(x, "stats").map(|i| i as u64)).collect::<Result<_>>()?;
     match n.as_slice() {
         &[queued, scheduled, running, review, succeeded, failed, dead, cancelled, paused] => {
