@@ -78,7 +78,7 @@ pub(crate) struct WorkQueueState<S> {
     next_queue: usize,
     /// Tasks servers refused undelivered: the last such server (tried elsewhere first), when,
     /// and how many refusals in a row.
-    avoid: HashMap<TaskId, (String, Instant, u32)>,
+    avoid: HashMap<TaskId, (Arc<str>, Instant, u32)>,
     bells: Vec<Arc<Notify>>,
     draining: Option<Draining>,
     /// Drained: never claims again.
@@ -642,7 +642,7 @@ impl<S: Store> WorkQueueState<S> {
             let avoided = self
                 .avoid
                 .get(&id)
-                .and_then(|(name, _, _)| views.iter().position(|v| v.name == name))
+                .and_then(|(name, _, _)| views.iter().position(|v| v.name == &**name))
                 .filter(|&i| views[i].online);
             if let Some(i) = avoided {
                 views[i].online = false;
@@ -730,9 +730,9 @@ impl<S: Store> WorkQueueState<S> {
                 || matches!(&settle, Settle::Attempt { server, .. } if safe(server));
             let mut refusals = 0;
             if let Settle::Attempt { server, outcome: Outcome::NotDelivered { .. } } = &settle {
-                let e = self.avoid.entry(id).or_insert((String::new(), Instant::now(), 0));
+                let e = self.avoid.entry(id).or_insert((server.clone(), Instant::now(), 0));
                 e.2 += 1;
-                (e.0, e.1, refusals) = (server.to_string(), Instant::now(), e.2);
+                (e.0, e.1, refusals) = (server.clone(), Instant::now(), e.2);
             }
             let token = entry.token;
             let refused =
