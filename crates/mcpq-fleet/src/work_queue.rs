@@ -422,6 +422,16 @@ struct Batch {
 }
 
 impl Batch {
+    /// Room for `n` completions, the usual outcome of a call: pushing them one by one onto
+    /// empty vectors would copy each ledger entry several times over.
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            complete: Vec::with_capacity(n),
+            complete_of: Vec::with_capacity(n),
+            ..Self::default()
+        }
+    }
+
     /// One write per kind that has tasks: completions, failures, releases.
     fn into_writes(self, queue: QueueName) -> Vec<Write> {
         let kinds = [
@@ -716,7 +726,8 @@ impl<S: Store> WorkQueueState<S> {
         // one batch per queue; a fleet has few queues
         let mut batches: Vec<(QueueName, Batch)> = Vec::new();
         let servers = self.shared.servers();
-        for (id, mut entry) in done {
+        let n = done.len();
+        for (k, (id, mut entry)) in done.into_iter().enumerate() {
             let Phase::Done(settle) = std::mem::replace(&mut entry.phase, Phase::Parked) else {
                 continue;
             };
@@ -742,7 +753,7 @@ impl<S: Store> WorkQueueState<S> {
                 self.avoid.remove(&id);
             }
             let i = batches.iter().position(|(q, _)| *q == entry.queue).unwrap_or_else(|| {
-                batches.push((entry.queue.clone(), Batch::default()));
+                batches.push((entry.queue.clone(), Batch::with_capacity(n - k)));
                 batches.len() - 1
             });
             let b = &mut batches[i].1;

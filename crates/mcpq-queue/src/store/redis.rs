@@ -331,11 +331,13 @@ impl Store for RedisStore {
         let reply =
             scripts::claim(&mut self.conn(), k, self.cfg(queue), max.clamp(1, MAX_BATCH), lease)
                 .await?;
-        reply
-            .tasks
-            .into_iter()
-            .map(|(id, raw)| Claimed::decode(queue, id, &raw, reply.deadline_ms))
-            .collect()
+        // sized up front: collecting results grows the vector from empty, copying every
+        // claimed task (a few hundred bytes each) four times over for a batch of 50
+        let mut out = Vec::with_capacity(reply.tasks.len());
+        for (id, raw) in &reply.tasks {
+            out.push(Claimed::decode(queue, *id, raw, reply.deadline_ms)?);
+        }
+        Ok(out)
     }
 
     async fn renew(

@@ -118,8 +118,20 @@ struct Invocation<'a> {
 
 impl<'a> Invocation<'a> {
     fn new<K: AsRef<str>>(script: &'a Script, keys: &[K]) -> Self {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len());
+        Self::with_capacity(script, keys, 0, 0)
+    }
+
+    /// Room for `args` more arguments of `bytes` in all, for a call whose size is known: a
+    /// command grown an argument at a time copies itself over and over.
+    fn with_capacity<K: AsRef<str>>(
+        script: &'a Script,
+        keys: &[K],
+        args: usize,
+        bytes: usize,
+    ) -> Self {
+        let key_bytes: usize = keys.iter().map(|k| k.as_ref().len()).sum();
+        let mut cmd = Cmd::with_capacity(3 + keys.len() + args, 64 + key_bytes + bytes);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
         for k in keys {
             cmd.arg(k.as_ref());
         }
@@ -248,7 +260,10 @@ pub(super) async fn complete<C: ConnectionLike>(
     cfg: &QueueConfig,
     items: &[Completion],
 ) -> Result<Vec<Settled>> {
-    let mut inv = Invocation::new(&COMPLETE, &[&k.tasks, &k.leases, &k.succeeded, &k.events]);
+    let keys = [&k.tasks, &k.leases, &k.succeeded, &k.events];
+    // per item: id, token, server and a result, which for most calls is well under 128 bytes
+    let bytes: usize = items.iter().map(|c| 16 + 10 + c.server.len() + 128).sum();
+    let mut inv = Invocation::with_capacity(&COMPLETE, &keys, 2 + 4 * items.len(), bytes);
     inv.arg(cfg.events_max).arg(items.len());
     // one buffer for every result: most are small, and each would otherwise grow its own
     let mut result = Vec::with_capacity(256);
