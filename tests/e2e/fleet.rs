@@ -326,8 +326,11 @@ async fn slow_erring_overloaded_and_cutting_servers_are_classified() -> Result<(
         server("busy", &busy, 8),
         server("cutting", &cutting, 8),
     ];
-    // probes would eat the armed faults: none during this test
-    let quiet = HealthConfig { interval_ms: 600_000, ..health() };
+    // probes would eat the armed faults: none during this test. Nor may the slow server go
+    // offline: with no probe to bring it back, its pinned retries would wait for ever. Its four
+    // timeouts are consecutive whenever the 300 ms success lands before them, which is a race.
+    let quiet =
+        HealthConfig { interval_ms: 600_000, degraded_after: 100, offline_after: 100, ..health() };
     let fleet = Fleet::start(store.clone(), fleet_config(servers, quiet, 10_000)).await?;
     eventually(Duration::from_secs(10), "every tool list", || async {
         Ok(fleet.servers().iter().all(|s| s.tools.is_some()).then_some(()))
