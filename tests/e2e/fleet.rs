@@ -451,6 +451,51 @@ async fn higher_priority_tasks_enqueued_later_start_first() -> Result<()> {
     Ok(())
 }
 
+/// Calls of one Redis command so far (INFO commandstats).
+fn redis_calls(redis: &RedisServer, cmd: &str) -> Result<u64> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut redis.raw()?)?;
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// An idle fleet watches the event stream for work; woken by a burst, it stops watching while
+/// its claims come back full, though its idle time left it several wake-ups to do so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_woken_by_a_burst_stops_watching_the_event_stream() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let s = McpServer::start(Mode::Stateless).await?;
+    let q = QueueName::default();
+    let burst: Vec<NewTask> =
+        (0..2000).map(|_| NewTask::tool("echo", json!({"text": "hi"})).idempotent(true)).collect();
+    let mut ids = enqueue(&store, &burst[1..]).await?;
+    store.set_paused(&q, true).await?;
+    let fleet =
+        Fleet::start(store.clone(), fleet_config(vec![server("s", &s, 32)], health(), 10_000))
+            .await?;
+    // paused, every claim falls short: the doorbell is armed, and armed again by each
+    let (reads, scripts) = (redis_calls(&redis, "xrange")?, redis_calls(&redis, "evalsha")?);
+    eventually(Duration::from_secs(10), "short claims while the doorbell waits", || async {
+        let more = redis_calls(&redis, "xrange")? > reads + 1;
+        Ok((more && redis_calls(&redis, "evalsha")? >= scripts + 10).then_some(()))
+    })
+    .await?;
+    let reads = redis_calls(&redis, "xrange")?;
+    store.set_paused(&q, false).await?;
+    ids.extend(enqueue(&store, &burst[..1]).await?);
+    let r = settle(&store, &q, &ids, Duration::from_secs(60), || s.executions()).await?;
+    assert_accounted(&r, &ids.iter().copied().collect());
+    let during = redis_calls(&redis, "xrange")? - reads;
+    println!("event stream reads during a drain of {} tasks: {during}", ids.len());
+    assert!(during <= 20, "the doorbell read the stream {during} times during the drain");
+    fleet.shutdown().await?;
+    Ok(())
+}
+
 /// Work claimed ahead (`prefetch_ms`) waits parked for a free slot: no more of it than
 /// `max_batch`, and each task still runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

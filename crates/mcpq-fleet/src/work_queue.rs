@@ -13,6 +13,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::FutureExt;
 use mcpq_mcp::Outcome;
 use mcpq_queue::{
     Call, Claimed, Completion, Disposition, EventId, EventKind, Failure, QueueName, Release,
@@ -288,6 +289,10 @@ async fn doorbell<S: Store>(
                 Err(_) => tokio::time::sleep(poll).await,
             }
         }
+        // short claims made while it was armed are covered by the claim this ring causes: a
+        // wake-up they left would arm it again at once, to read the stream of a busy queue
+        // (every start and finish) until some claim fell short again
+        let _ = bell.notified().now_or_never();
         if wq.send_message(WorkQueueMsg::Pump).is_err() {
             return;
         }
