@@ -145,6 +145,8 @@ struct DrainRow {
     /// Median over the runs of a drain's rate over the mean rate of the ceiling runs just
     /// before and just after it.
     of_ceiling: f64,
+    /// From starting the fleet until every server is connected: not in the rate.
+    startup_ms: f64,
     mcpq_cpu_us_per_task: f64,
     server_cpu_us_per_task: f64,
     redis_cpu_us_per_task: Option<f64>,
@@ -418,6 +420,7 @@ async fn drain_row(
         tasks: args.tasks,
         tasks_per_s: median_of(&runs, |r| r.tasks_per_s),
         of_ceiling: median_of(&runs, |r| r.of_ceiling),
+        startup_ms: median_of(&runs, |r| r.startup_ms),
         mcpq_cpu_us_per_task: median_of(&runs, |r| r.mcpq_cpu_us_per_task),
         server_cpu_us_per_task: median_of(&runs, |r| r.server_cpu_us_per_task),
         redis_cpu_us_per_task: median_opt(&runs, |r| r.redis_cpu_us_per_task),
@@ -644,12 +647,13 @@ fn print_report(r: &Report) {
     if !r.drain.is_empty() {
         out("\ndrain: queued tasks → all finished, and what each task cost (medians)");
         out(format_args!(
-            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}",
+            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}",
             "store",
             "servers",
             "tasks",
             "tasks/s",
             "×ceil",
+            "start ms",
             "mcpq µs",
             "server µs",
             "redis µs",
@@ -660,12 +664,13 @@ fn print_report(r: &Report) {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_owned(), |v| format!("{v:.p$}"));
         for d in &r.drain {
             out(format_args!(
-                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>9.1} {:>9.1} {:>9} {:>8} {:>8} {:>9.1}",
+                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>8.1} {:>9.1} {:>9.1} {:>9} {:>8} {:>8} {:>9.1}",
                 d.store.label(),
                 d.servers,
                 d.tasks,
                 d.tasks_per_s,
                 d.of_ceiling,
+                d.startup_ms,
                 d.mcpq_cpu_us_per_task,
                 d.server_cpu_us_per_task,
                 opt(d.redis_cpu_us_per_task, 1),
@@ -674,6 +679,9 @@ fn print_report(r: &Report) {
                 d.peak_rss_mib
             ));
         }
+        out("  tasks/s: from every server connected (the ceiling's clients are connected before");
+        out("  its clock starts too) to the last task finished; start ms: the fleet's start until");
+        out("  then, not in the rate;");
         out("  ×ceil: each drain over the mean of ceiling runs just before and after it, the");
         out("  median of those ratios;");
         out("  µs: CPU per task of mcpq (this process), the servers and Redis; cmds: Redis");

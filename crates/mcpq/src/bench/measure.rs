@@ -187,10 +187,13 @@ pub(crate) async fn fill<S: Store>(queue: &Queue<S>, n: u64) -> Result<()> {
     Ok(())
 }
 
-/// A drain: `tasks` queued before the fleet starts, timed until every one is finished.
+/// A drain: `tasks` queued (the last once every server is connected), timed from then until
+/// every task is finished.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub(crate) struct DrainRun {
     pub(crate) tasks_per_s: f64,
+    /// From starting the fleet until every server listed its tools (not in the rate).
+    pub(crate) startup_ms: f64,
     pub(crate) mcpq_cpu_us_per_task: f64,
     pub(crate) server_cpu_us_per_task: f64,
     /// Absent for the embedded store.
@@ -216,17 +219,26 @@ pub(crate) async fn drain<S: Store>(
     tasks: u64,
 ) -> Result<DrainRun> {
     let queue = Queue::new(store.clone(), QueueName::default());
-    fill(&queue, tasks).await?;
+    // the clock starts once every server's session is up, as the ceiling's clients are
+    // connected before its clock starts: the fleet starts on a paused queue, and the last
+    // task, enqueued once it is resumed, wakes the fleet as any producer's would
+    fill(&queue, tasks.saturating_sub(1)).await?;
+    queue.pause().await?;
     let executed0 = echo.executed().await?;
+    reset_peak_memory();
+    let started = Instant::now();
+    let fleet = Fleet::start(store, fleet_config(urls)).await?;
+    ready(&fleet).await?;
+    let startup_ms = started.elapsed().as_secs_f64() * 1e3;
     let server0 = echo.cpu_s()?;
     let redis0 = match redis.as_deref_mut() {
         Some(r) => Some(r.sample().await?),
         None => None,
     };
-    reset_peak_memory();
     let cpu0 = own_cpu_s()?;
     let t0 = Instant::now();
-    let fleet = Fleet::start(store, fleet_config(urls)).await?;
+    queue.resume().await?;
+    queue.enqueue(echo_task()).await?;
     let limit = Duration::from_secs(120 + tasks / 1000);
     finished(&fleet, tasks, t0 + limit).await;
     let wall = t0.elapsed().as_secs_f64();
@@ -243,6 +255,7 @@ pub(crate) async fn drain<S: Store>(
     let per = |x: f64| x / accounting.succeeded.max(1) as f64;
     Ok(DrainRun {
         tasks_per_s: accounting.succeeded as f64 / wall,
+        startup_ms,
         mcpq_cpu_us_per_task: per(cpu * 1e6),
         server_cpu_us_per_task: per(server * 1e6),
         redis_cpu_us_per_task: redis_used.map(|r: RedisSample| per(r.cpu_s * 1e6)),
