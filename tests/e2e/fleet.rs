@@ -487,11 +487,17 @@ async fn a_fleet_woken_by_a_burst_stops_watching_the_event_stream() -> Result<()
     let reads = redis_calls(&redis, "xrange")?;
     store.set_paused(&q, false).await?;
     ids.extend(enqueue(&store, &burst[..1]).await?);
+    // the first half, while every claim comes back full (the tail's claims fall short, and
+    // rightly arm the doorbell again)
+    eventually(Duration::from_secs(60), "half the burst done", || async {
+        Ok((store.stats(&q).await?.succeeded >= 1000).then_some(()))
+    })
+    .await?;
+    let during = redis_calls(&redis, "xrange")? - reads;
     let r = settle(&store, &q, &ids, Duration::from_secs(60), || s.executions()).await?;
     assert_accounted(&r, &ids.iter().copied().collect());
-    let during = redis_calls(&redis, "xrange")? - reads;
-    println!("event stream reads during a drain of {} tasks: {during}", ids.len());
-    assert!(during <= 20, "the doorbell read the stream {during} times during the drain");
+    println!("event stream reads during the first half of a {}-task drain: {during}", ids.len());
+    assert!(during <= 5, "the doorbell read the stream {during} times while claims were full");
     fleet.shutdown().await?;
     Ok(())
 }
