@@ -9,15 +9,14 @@
 //! `cargo bench -p mcpq-tests --bench queue [-- --store redis|embedded|both --dir PATH
 //! --cache-mb N --tasks N --runs N --workers N --batch N --enqueue-batch N --verbose]`
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mcpq_queue::{Completion, EmbeddedStore, NewTask, QueueConfigs, QueueName, Store, StoreConfig};
-use mcpq_tests::RedisServer;
 use mcpq_tests::bench::{arg, median, own_cpu_s, text_arg};
+use mcpq_tests::{RedisServer, redis_info as info};
 use serde_json::{Value, json};
 
 const PRODUCERS: usize = 2;
@@ -44,15 +43,6 @@ const EMBEDDED_COLS: &[Col] = &[
     Col("cpu µs", 10, 1),
     Col("file bytes/task", 15, 0),
 ];
-
-fn info(conn: &mut redis::Connection, section: &str) -> Result<HashMap<String, String>> {
-    let text: String = redis::cmd("INFO").arg(section).query(conn)?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
-        .collect())
-}
 
 /// (all commands, client round trips) since the last CONFIG RESETSTAT, INFO/CONFIG excluded.
 fn commands(conn: &mut redis::Connection) -> Result<(u64, u64)> {

@@ -451,17 +451,6 @@ async fn higher_priority_tasks_enqueued_later_start_first() -> Result<()> {
     Ok(())
 }
 
-/// Calls of one Redis command so far (INFO commandstats).
-fn redis_calls(redis: &RedisServer, cmd: &str) -> Result<u64> {
-    let info: String = redis::cmd("INFO").arg("commandstats").query(&mut redis.raw()?)?;
-    let prefix = format!("cmdstat_{cmd}:calls=");
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0))
-}
-
 /// An idle fleet watches the event stream for work; woken by a burst, it stops watching while
 /// its claims come back full, though its idle time left it several wake-ups to do so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,13 +467,13 @@ async fn a_fleet_woken_by_a_burst_stops_watching_the_event_stream() -> Result<()
         Fleet::start(store.clone(), fleet_config(vec![server("s", &s, 32)], health(), 10_000))
             .await?;
     // paused, every claim falls short: the doorbell is armed, and armed again by each
-    let (reads, scripts) = (redis_calls(&redis, "xrange")?, redis_calls(&redis, "evalsha")?);
+    let (reads, scripts) = (redis.calls("xrange")?, redis.calls("evalsha")?);
     eventually(Duration::from_secs(10), "short claims while the doorbell waits", || async {
-        let more = redis_calls(&redis, "xrange")? > reads + 1;
-        Ok((more && redis_calls(&redis, "evalsha")? >= scripts + 10).then_some(()))
+        let more = redis.calls("xrange")? > reads + 1;
+        Ok((more && redis.calls("evalsha")? >= scripts + 10).then_some(()))
     })
     .await?;
-    let reads = redis_calls(&redis, "xrange")?;
+    let reads = redis.calls("xrange")?;
     store.set_paused(&q, false).await?;
     ids.extend(enqueue(&store, &burst[..1]).await?);
     // the first half, while every claim comes back full (the tail's claims fall short, and
@@ -493,7 +482,7 @@ async fn a_fleet_woken_by_a_burst_stops_watching_the_event_stream() -> Result<()
         Ok((store.stats(&q).await?.succeeded >= 1000).then_some(()))
     })
     .await?;
-    let during = redis_calls(&redis, "xrange")? - reads;
+    let during = redis.calls("xrange")? - reads;
     let r = settle(&store, &q, &ids, Duration::from_secs(60), || s.executions()).await?;
     assert_accounted(&r, &ids.iter().copied().collect());
     println!("event stream reads during the first half of a {}-task drain: {during}", ids.len());

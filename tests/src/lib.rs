@@ -2,6 +2,7 @@
 //! socket in a temporary directory, killed when dropped (their log is printed if the test
 //! failed), and a polling helper for conditions that become true later.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,6 +88,14 @@ impl RedisServer {
         Ok(redis::Client::open(self.url())?.get_connection()?)
     }
 
+    /// Calls of one command so far (`INFO commandstats`; 0 for a command never called).
+    pub fn calls(&self, cmd: &str) -> Result<u64> {
+        let stats = redis_info(&mut self.raw()?, "commandstats")?;
+        let Some(v) = stats.get(&format!("cmdstat_{cmd}")) else { return Ok(0) };
+        let calls = v.split(',').find_map(|f| f.strip_prefix("calls="));
+        Ok(calls.with_context(|| format!("no calls in {v}"))?.parse()?)
+    }
+
     /// A store on this server with the given per-queue configurations.
     pub async fn store(&self, queues: &[(&str, QueueConfig)]) -> Result<RedisStore> {
         let cfg = StoreConfig { redis_url: Some(self.url()), ..Default::default() };
@@ -137,4 +146,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// One section of a Redis server's `INFO`, field by field.
+pub fn redis_info(conn: &mut redis::Connection, section: &str) -> Result<HashMap<String, String>> {
+    let text: String = redis::cmd("INFO").arg(section).query(conn)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect())
 }
