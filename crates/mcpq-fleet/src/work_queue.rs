@@ -493,7 +493,7 @@ impl Items {
 /// Sends the writes of a round, one after another (they are few: usually one batch of
 /// completions), and answers each with what the store said.
 async fn write_all<S: Store>(
-    store: &S,
+    store: S,
     writes: Vec<Write>,
 ) -> Vec<(Write, mcpq_queue::Result<Vec<Settled>>)> {
     let mut out = Vec::with_capacity(writes.len());
@@ -511,7 +511,9 @@ async fn write_all<S: Store>(
 impl<S: Store> WorkQueueState<S> {
     /// One round: records what finished and claims for the free slots in one go (the writes
     /// and the claim travel together, so a round waits for one round trip, not two), then
-    /// places what came.
+    /// places what came. The claimed tasks are placed as soon as they come, while the writes
+    /// may still be on their way: the embedded store answers a claim before the commit its
+    /// batch's writes wait for.
     async fn pump(&mut self, myself: &ActorRef<WorkQueueMsg>) {
         self.shared.pumped();
         let writes = self.decide_done();
@@ -519,8 +521,31 @@ impl<S: Store> WorkQueueState<S> {
         // tasks parked for a busy server go to the slots that freed before any waiting
         let mut settled_here = !stopping && self.place();
         let credits = if stopping { 0 } else { self.credits() };
-        let (recorded, claimed) =
-            tokio::join!(write_all(&self.store, writes), self.claim_for(credits));
+        let mut writes = std::pin::pin!(write_all(self.store.clone(), writes));
+        let mut recorded = None;
+        let (claimed, more) = {
+            let claim = self.claim_for(credits);
+            tokio::pin!(claim);
+            loop {
+                tokio::select! {
+                    // the writes go out first, as a producer's would before a claim
+                    biased;
+                    r = &mut writes, if recorded.is_none() => recorded = Some(r),
+                    c = &mut claim => break c,
+                }
+            }
+        };
+        for (i, tasks) in claimed {
+            settled_here |= self.admit(&self.queues[i].clone(), tasks);
+        }
+        if !stopping {
+            self.next_queue = self.next_queue.wrapping_add(1);
+            settled_here |= self.place();
+        }
+        let recorded = match recorded {
+            Some(r) => r,
+            None => writes.await,
+        };
         for w in recorded {
             self.recorded(w);
         }
@@ -535,12 +560,6 @@ impl<S: Store> WorkQueueState<S> {
             }
             return;
         }
-        let (claimed, more) = claimed;
-        for (i, tasks) in claimed {
-            settled_here |= self.admit(&self.queues[i].clone(), tasks);
-        }
-        self.next_queue = self.next_queue.wrapping_add(1);
-        settled_here |= self.place();
         if more {
             let _ = myself.send_message(WorkQueueMsg::Pump);
         } else if settled_here {

@@ -114,6 +114,8 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Snapshot) -> Result<T> + Send + 'static,
     {
+        // what an early-answered claim wrote is read back once its commit is done
+        self.inner.writer.caught_up().await;
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(storage)?;
@@ -180,8 +182,11 @@ impl Store for EmbeddedStore {
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>> {
         let (q, cfg) = (queue.clone(), self.cfg(queue));
         let (max, lease_ms) = (max.clamp(1, MAX_BATCH), millis(lease));
-        let out =
-            self.inner.writer.write(move |tx| ops::claim(tx, &q, &cfg, max, lease_ms)).await?;
+        let out = self
+            .inner
+            .writer
+            .write_early(move |tx| ops::claim(tx, &q, &cfg, max, lease_ms))
+            .await?;
         out.tasks
             .into_iter()
             .map(|(id, raw)| Claimed::decode(queue, id, &raw, out.deadline_ms))

@@ -3,6 +3,15 @@
 //! transaction with a durable commit, and only then answers each caller, so an acknowledged
 //! operation survives a crash while the cost of the sync is shared by the whole batch.
 //!
+//! A claim is answered as soon as its batch has been applied, before the commit: what it
+//! changes (a task running under a new token) needs no sync to be safe, because a claim lost to
+//! a crash leaves its task queued, to run again after the restart just as a task whose call was
+//! cut by the crash does, and the sync then no longer delays the call. Nothing else sees the
+//! claim before the commit: wake-ups follow commits, and a read that starts after an early answer
+//! waits for that answer's commit ([`Writer::caught_up`]), so whoever learnt of the claim reads
+//! it back. Should that commit fail, the writer stops (every later operation fails until the
+//! store is reopened), so a token handed out early is never handed out twice by one process.
+//!
 //! Each operation is all-or-nothing on its own. One that fails before writing anything is
 //! answered with its error and the batch carries on. One that fails after writing (corrupt
 //! data met halfway, a storage error) would leave half a transition in the shared transaction,
@@ -10,10 +19,11 @@
 //! operation in the batch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use redb::{Database, Durability};
+use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::storage;
@@ -33,14 +43,18 @@ pub(super) trait Op: Send {
     fn apply(&mut self, tx: &mut Tx<'_>) -> Result<()>;
     /// Keeps an error as the answer.
     fn refuse(&mut self, e: Error);
-    /// Sends the kept answer, or `failed` (the commit's error) in place of a success.
-    fn answer(self: Box<Self>, failed: Option<&Error>);
+    /// Whether it is answered once applied, before its batch's commit.
+    fn early(&self) -> bool;
+    /// Sends the kept answer, or `failed` (the commit's error) in place of a success; a second
+    /// call sends nothing.
+    fn answer(&mut self, failed: Option<&Error>);
 }
 
 struct Pending<T, F> {
     run: F,
     answer: Option<Result<T>>,
-    reply: oneshot::Sender<Result<T>>,
+    reply: Option<oneshot::Sender<Result<T>>>,
+    early: bool,
 }
 
 impl<T, F> Op for Pending<T, F>
@@ -57,8 +71,13 @@ where
         self.answer = Some(Err(e));
     }
 
-    fn answer(self: Box<Self>, failed: Option<&Error>) {
-        let answer = match (self.answer, failed) {
+    fn early(&self) -> bool {
+        self.early
+    }
+
+    fn answer(&mut self, failed: Option<&Error>) {
+        let Some(reply) = self.reply.take() else { return };
+        let answer = match (self.answer.take(), failed) {
             // an operation refused on its own keeps its own reason
             (Some(Err(e)), _) => Err(e),
             (_, Some(e)) => Err(copy(e)),
@@ -66,7 +85,7 @@ where
             (None, None) => Err(Error::Corrupt("the operation never ran".into())),
         };
         // the caller may have stopped waiting; the operation stands either way
-        let _ = self.reply.send(answer);
+        let _ = reply.send(answer);
     }
 }
 
@@ -74,16 +93,19 @@ where
 fn copy(e: &Error) -> Error {
     match e {
         Error::Corrupt(m) => Error::Corrupt(m.clone()),
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text = format!("{text}: {s}");
-                source = s.source();
-            }
-            Error::Unavailable(text.into())
-        }
+        other => Error::Unavailable(text(other).into()),
     }
+}
+
+/// An error with its sources, as one line.
+fn text(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 fn stopped() -> Error {
@@ -116,11 +138,25 @@ impl Wakers {
     }
 }
 
+/// How far the writer has got, in batches counted from 1: the last one that answered early
+/// with writes, and the last one whose commit ended (committed or failed).
+struct Progress {
+    early: AtomicU64,
+    settled: watch::Sender<u64>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self { early: AtomicU64::new(0), settled: watch::Sender::new(0) }
+    }
+}
+
 /// The writer's handle: where operations go, and the thread, joined once the last handle is
 /// gone (so the database is closed when the store is dropped).
 pub(super) struct Writer {
     // declared before `thread`: fields drop in order, and the thread ends when this closes
     ops: mpsc::Sender<Box<dyn Op>>,
+    progress: Arc<Progress>,
     _thread: Joiner,
 }
 
@@ -141,11 +177,24 @@ impl Writer {
     /// Starts the writer thread on `db`.
     pub(super) fn start(db: Arc<Database>, wakers: Arc<Wakers>) -> Result<Self> {
         let (ops, rx) = mpsc::channel(QUEUE_DEPTH);
+        let progress = Arc::new(Progress::default());
+        let shared = progress.clone();
         let thread = std::thread::Builder::new()
             .name("mcpq-store-writer".into())
-            .spawn(move || run(&db, rx, &wakers))
+            .spawn(move || run(&db, rx, &wakers, &shared, sync))
             .map_err(|e| Error::Unavailable(Box::new(e)))?;
-        Ok(Self { ops, _thread: Joiner(Some(thread)) })
+        Ok(Self { ops, progress, _thread: Joiner(Some(thread)) })
+    }
+
+    /// Waits until every early answer given so far has its batch's commit behind it (at once
+    /// when none is pending), so a read that follows sees what those answers said.
+    pub(super) async fn caught_up(&self) {
+        let want = self.progress.early.load(Ordering::Acquire);
+        if *self.progress.settled.borrow() >= want {
+            return;
+        }
+        // an error means the writer is gone; the read that follows reports the store's state
+        let _ = self.progress.settled.subscribe().wait_for(|s| *s >= want).await;
     }
 
     /// Runs `op` in the next batch and answers once its batch is committed.
@@ -154,14 +203,47 @@ impl Writer {
         T: Send + 'static,
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
+        self.send(op, false).await
+    }
+
+    /// Runs `op` in the next batch and answers once the batch is applied, before its commit:
+    /// for claims only (see the module's comment).
+    pub(super) async fn write_early<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
+    {
+        self.send(op, true).await
+    }
+
+    async fn send<T, F>(&self, op: F, early: bool) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        let pending = Box::new(Pending { run: op, answer: None, reply });
+        let pending = Box::new(Pending { run: op, answer: None, reply: Some(reply), early });
         self.ops.send(pending).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
-fn run(db: &Database, mut rx: mpsc::Receiver<Box<dyn Op>>, wakers: &Wakers) {
+/// Commits a write transaction durably.
+fn sync(txn: WriteTransaction) -> Result<()> {
+    txn.commit().map_err(storage)
+}
+
+/// The writer's loop; `sync` commits each batch's transaction (a test makes it fail).
+fn run(
+    db: &Database,
+    mut rx: mpsc::Receiver<Box<dyn Op>>,
+    wakers: &Wakers,
+    progress: &Progress,
+    sync: fn(WriteTransaction) -> Result<()>,
+) {
+    // set once a commit fails after early answers: every later operation is refused
+    let mut halted: Option<Error> = None;
+    let mut batch = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
         while ops.len() < MAX_OPS {
@@ -170,17 +252,45 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Box<dyn Op>>, wakers: &Wakers) {
                 Err(_) => break,
             }
         }
-        match commit(db, &mut ops) {
+        if let Some(e) = &halted {
+            for mut op in ops {
+                op.answer(Some(e));
+            }
+            continue;
+        }
+        batch += 1;
+        let mut early = false;
+        let done = commit(
+            db,
+            &mut ops,
+            &mut early,
+            || progress.early.store(batch, Ordering::Release),
+            sync,
+        );
+        progress.settled.send_replace(batch);
+        match done {
             Ok(woken) => {
-                for op in ops {
+                for mut op in ops {
                     op.answer(None);
                 }
                 wakers.wake(&woken);
             }
             Err(e) => {
                 tracing::error!(error = %e, ops = ops.len(), "embedded store commit failed");
-                for op in ops {
+                for op in &mut ops {
                     op.answer(Some(&e));
+                }
+                if early {
+                    tracing::error!(
+                        "claims were answered before this failed commit: the embedded store \
+                         refuses every write until it is reopened"
+                    );
+                    let why = format!(
+                        "the embedded store stopped after a failed commit ({}); restart to \
+                         reopen it",
+                        text(&e)
+                    );
+                    halted = Some(Error::Unavailable(why.into()));
                 }
             }
         }
@@ -188,14 +298,23 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Box<dyn Op>>, wakers: &Wakers) {
 }
 
 /// Applies `ops` in one durable transaction; answers the queues with new events. An operation
-/// that fails after writing is answered at once and taken out, and the batch is redone.
-fn commit(db: &Database, ops: &mut Vec<Box<dyn Op>>) -> Result<Vec<QueueName>> {
+/// that fails after writing is answered at once and taken out, and the batch is redone. Early
+/// operations are answered between the last pass and the commit, after `announce` when any of
+/// them wrote; `early` tells whether any did.
+fn commit(
+    db: &Database,
+    ops: &mut Vec<Box<dyn Op>>,
+    early: &mut bool,
+    announce: impl FnOnce(),
+    sync: fn(WriteTransaction) -> Result<()>,
+) -> Result<Vec<QueueName>> {
     // each pass either commits or takes one operation out
     for _ in 0..=ops.len() {
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut tx = Tx::open(&txn)?;
         let mut broken = None;
+        let mut wrote_early = false;
         for (i, op) in ops.iter_mut().enumerate() {
             tx.begin_op();
             if let Err(e) = op.apply(&mut tx) {
@@ -205,6 +324,7 @@ fn commit(db: &Database, ops: &mut Vec<Box<dyn Op>>) -> Result<Vec<QueueName>> {
                 }
                 op.refuse(e);
             }
+            wrote_early |= op.early() && tx.dirty();
         }
         if let Some((i, e)) = broken {
             drop(tx);
@@ -216,7 +336,14 @@ fn commit(db: &Database, ops: &mut Vec<Box<dyn Op>>) -> Result<Vec<QueueName>> {
             continue;
         }
         let woken = tx.finish()?;
-        txn.commit().map_err(storage)?;
+        *early = wrote_early;
+        if wrote_early {
+            announce();
+        }
+        for op in ops.iter_mut().filter(|op| op.early()) {
+            op.answer(None);
+        }
+        sync(txn)?;
         return Ok(woken);
     }
     Err(Error::Corrupt("a batch kept failing halfway".into()))
@@ -225,6 +352,89 @@ fn commit(db: &Database, ops: &mut Vec<Box<dyn Op>>) -> Result<Vec<QueueName>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer thread on a fresh database whose commits go through `sync`.
+    fn writer(
+        dir: &tempfile::TempDir,
+        sync: fn(WriteTransaction) -> Result<()>,
+    ) -> (mpsc::Sender<Box<dyn Op>>, JoinHandle<()>) {
+        let db = Database::create(dir.path().join("w.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        super::super::tables::create(&txn).unwrap();
+        txn.commit().unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let thread = std::thread::spawn(move || {
+            run(&db, rx, &Wakers::default(), &Progress::default(), sync)
+        });
+        (tx, thread)
+    }
+
+    /// Sends an operation that pauses queue `q` (a write); answers its reply.
+    fn pause(
+        ops: &mpsc::Sender<Box<dyn Op>>,
+        q: &str,
+        early: bool,
+    ) -> oneshot::Receiver<Result<()>> {
+        let queue = QueueName::new(q).unwrap();
+        let (reply, answer) = oneshot::channel();
+        let op = move |tx: &mut Tx<'_>| tx.set_paused(&queue, true);
+        ops.blocking_send(Box::new(Pending { run: op, answer: None, reply: Some(reply), early }))
+            .unwrap();
+        answer
+    }
+
+    fn failing(txn: WriteTransaction) -> Result<()> {
+        txn.abort().map_err(storage)?;
+        Err(Error::Unavailable("the disk said no".into()))
+    }
+
+    #[test]
+    fn an_early_answer_comes_before_the_commit_and_a_failed_commit_then_stops_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ops, thread) = writer(&dir, failing);
+        // answered from the applied batch: the commit that fails comes after
+        pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
+        let later = pause(&ops, "b", false).blocking_recv().unwrap().unwrap_err();
+        assert!(text(&later).contains("stopped after a failed commit"), "{later}");
+        let early_again = pause(&ops, "c", true).blocking_recv().unwrap().unwrap_err();
+        let early_again = text(&early_again);
+        assert!(early_again.contains("stopped after a failed commit"), "{early_again}");
+        assert!(early_again.contains("the disk said no"), "{early_again}");
+        drop(ops);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_commit_without_early_answers_fails_its_batch_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ops, thread) = writer(&dir, failing);
+        for q in ["a", "b"] {
+            let e = pause(&ops, q, false).blocking_recv().unwrap().unwrap_err();
+            assert!(text(&e).contains("the disk said no"), "{e}");
+        }
+        drop(ops);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn an_early_operation_that_writes_nothing_keeps_the_writer_going_after_a_failed_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ops, thread) = writer(&dir, failing);
+        let (reply, answer) = oneshot::channel();
+        let read = |tx: &mut Tx<'_>| tx.paused(&QueueName::new("a").unwrap());
+        ops.blocking_send(Box::new(Pending {
+            run: read,
+            answer: None,
+            reply: Some(reply),
+            early: true,
+        }))
+        .unwrap();
+        assert!(!answer.blocking_recv().unwrap().unwrap());
+        let e = pause(&ops, "a", false).blocking_recv().unwrap().unwrap_err();
+        assert!(text(&e).contains("the disk said no"), "{e}");
+        drop(ops);
+        thread.join().unwrap();
+    }
 
     #[test]
     fn wakers_forget_queues_nobody_waits_on() {
