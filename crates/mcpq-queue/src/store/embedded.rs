@@ -108,7 +108,7 @@ impl EmbeddedStore {
         self.inner.queues.get(queue).clone()
     }
 
-    /// Runs `f` on a snapshot, on a blocking thread.
+    /// Runs `f` on a snapshot that holds every operation answered so far, on a blocking thread.
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -116,6 +116,16 @@ impl EmbeddedStore {
     {
         // what an early-answered claim wrote is read back once its commit is done
         self.inner.writer.caught_up().await;
+        self.read_committed(f).await
+    }
+
+    /// Runs `f` on a snapshot of what is committed, on a blocking thread: a claim answered
+    /// early may not be in it yet.
+    async fn read_committed<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Snapshot) -> Result<T> + Send + 'static,
+    {
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(storage)?;
@@ -339,7 +349,13 @@ impl Store for EmbeddedStore {
         let deadline = block.map(|b| Instant::now() + b.clamp(Duration::from_millis(1), MAX_BLOCK));
         loop {
             let q = queue.clone();
-            let out = self.read(move |s| s.events(&q, after, max)).await?;
+            let read = move |s: &Snapshot| s.events(&q, after, max);
+            // a waiting reader does not wait for an early claim's commit too: that commit wakes
+            // it, and it reads the claim's events then
+            let out = match changed {
+                Some(_) => self.read_committed(read).await?,
+                None => self.read(read).await?,
+            };
             let (Some(rx), Some(deadline)) = (changed.as_mut(), deadline) else { return Ok(out) };
             if !out.is_empty() {
                 return Ok(out);
