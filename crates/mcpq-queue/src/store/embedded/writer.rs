@@ -353,20 +353,37 @@ fn commit(
 mod tests {
     use super::*;
 
-    /// A writer thread on a fresh database whose commits go through `sync`.
-    fn writer(
-        dir: &tempfile::TempDir,
-        sync: fn(WriteTransaction) -> Result<()>,
-    ) -> (mpsc::Sender<Box<dyn Op>>, JoinHandle<()>) {
+    /// Runs `test` against a writer thread on a fresh database whose every commit fails, then
+    /// stops the thread.
+    fn with_failing_writer(test: impl FnOnce(&mpsc::Sender<Box<dyn Op>>)) {
+        let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("w.redb")).unwrap();
         let txn = db.begin_write().unwrap();
         super::super::tables::create(&txn).unwrap();
         txn.commit().unwrap();
-        let (tx, rx) = mpsc::channel(16);
+        let (ops, rx) = mpsc::channel(16);
         let thread = std::thread::spawn(move || {
-            run(&db, rx, &Wakers::default(), &Progress::default(), sync)
+            run(&db, rx, &Wakers::default(), &Progress::default(), failing)
         });
-        (tx, thread)
+        test(&ops);
+        drop(ops);
+        thread.join().unwrap();
+    }
+
+    /// Sends an operation to the writer; answers its reply.
+    fn submit<T, F>(
+        ops: &mpsc::Sender<Box<dyn Op>>,
+        run: F,
+        early: bool,
+    ) -> oneshot::Receiver<Result<T>>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = Pending { run, answer: None, reply: Some(reply), early };
+        ops.blocking_send(Box::new(op)).unwrap();
+        answer
     }
 
     /// Sends an operation that pauses queue `q` (a write); answers its reply.
@@ -376,11 +393,7 @@ mod tests {
         early: bool,
     ) -> oneshot::Receiver<Result<()>> {
         let queue = QueueName::new(q).unwrap();
-        let (reply, answer) = oneshot::channel();
-        let op = move |tx: &mut Tx<'_>| tx.set_paused(&queue, true);
-        ops.blocking_send(Box::new(Pending { run: op, answer: None, reply: Some(reply), early }))
-            .unwrap();
-        answer
+        submit(ops, move |tx: &mut Tx<'_>| tx.set_paused(&queue, true), early)
     }
 
     fn failing(txn: WriteTransaction) -> Result<()> {
@@ -390,50 +403,36 @@ mod tests {
 
     #[test]
     fn an_early_answer_comes_before_the_commit_and_a_failed_commit_then_stops_the_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ops, thread) = writer(&dir, failing);
-        // answered from the applied batch: the commit that fails comes after
-        pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
-        let later = pause(&ops, "b", false).blocking_recv().unwrap().unwrap_err();
-        assert!(text(&later).contains("stopped after a failed commit"), "{later}");
-        let early_again = pause(&ops, "c", true).blocking_recv().unwrap().unwrap_err();
-        let early_again = text(&early_again);
-        assert!(early_again.contains("stopped after a failed commit"), "{early_again}");
-        assert!(early_again.contains("the disk said no"), "{early_again}");
-        drop(ops);
-        thread.join().unwrap();
+        with_failing_writer(|ops| {
+            // answered from the applied batch: the commit that fails comes after
+            pause(ops, "a", true).blocking_recv().unwrap().unwrap();
+            let later = pause(ops, "b", false).blocking_recv().unwrap().unwrap_err();
+            assert!(text(&later).contains("stopped after a failed commit"), "{later}");
+            let early_again = pause(ops, "c", true).blocking_recv().unwrap().unwrap_err();
+            let early_again = text(&early_again);
+            assert!(early_again.contains("stopped after a failed commit"), "{early_again}");
+            assert!(early_again.contains("the disk said no"), "{early_again}");
+        });
     }
 
     #[test]
     fn a_failed_commit_without_early_answers_fails_its_batch_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ops, thread) = writer(&dir, failing);
-        for q in ["a", "b"] {
-            let e = pause(&ops, q, false).blocking_recv().unwrap().unwrap_err();
-            assert!(text(&e).contains("the disk said no"), "{e}");
-        }
-        drop(ops);
-        thread.join().unwrap();
+        with_failing_writer(|ops| {
+            for q in ["a", "b"] {
+                let e = text(&pause(ops, q, false).blocking_recv().unwrap().unwrap_err());
+                assert!(e.contains("the disk said no") && !e.contains("stopped"), "{e}");
+            }
+        });
     }
 
     #[test]
     fn an_early_operation_that_writes_nothing_keeps_the_writer_going_after_a_failed_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ops, thread) = writer(&dir, failing);
-        let (reply, answer) = oneshot::channel();
-        let read = |tx: &mut Tx<'_>| tx.paused(&QueueName::new("a").unwrap());
-        ops.blocking_send(Box::new(Pending {
-            run: read,
-            answer: None,
-            reply: Some(reply),
-            early: true,
-        }))
-        .unwrap();
-        assert!(!answer.blocking_recv().unwrap().unwrap());
-        let e = pause(&ops, "a", false).blocking_recv().unwrap().unwrap_err();
-        assert!(text(&e).contains("the disk said no"), "{e}");
-        drop(ops);
-        thread.join().unwrap();
+        with_failing_writer(|ops| {
+            let read = |tx: &mut Tx<'_>| tx.paused(&QueueName::new("a").unwrap());
+            assert!(!submit(ops, read, true).blocking_recv().unwrap().unwrap());
+            let e = text(&pause(ops, "a", false).blocking_recv().unwrap().unwrap_err());
+            assert!(e.contains("the disk said no") && !e.contains("stopped"), "{e}");
+        });
     }
 
     #[test]
