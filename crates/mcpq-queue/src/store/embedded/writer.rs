@@ -151,6 +151,28 @@ impl Default for Progress {
     }
 }
 
+impl Progress {
+    /// Waits until every early answer given so far has its batch's commit behind it.
+    async fn caught_up(&self) {
+        let want = self.early.load(Ordering::Acquire);
+        if *self.settled.borrow() >= want {
+            return;
+        }
+        // the sender lives as long as the store; the writer's end lets every waiter go
+        let _ = self.settled.subscribe().wait_for(|s| *s >= want).await;
+    }
+}
+
+/// Lets every reader waiting on the writer go once its thread ends, even by a panic between an
+/// early answer and its commit: they read whatever the database holds.
+struct Ended<'a>(&'a Progress);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.settled.send_replace(u64::MAX);
+    }
+}
+
 /// The writer's handle: where operations go, and the thread, joined once the last handle is
 /// gone (so the database is closed when the store is dropped).
 pub(super) struct Writer {
@@ -189,12 +211,7 @@ impl Writer {
     /// Waits until every early answer given so far has its batch's commit behind it (at once
     /// when none is pending), so a read that follows sees what those answers said.
     pub(super) async fn caught_up(&self) {
-        let want = self.progress.early.load(Ordering::Acquire);
-        if *self.progress.settled.borrow() >= want {
-            return;
-        }
-        // an error means the writer is gone; the read that follows reports the store's state
-        let _ = self.progress.settled.subscribe().wait_for(|s| *s >= want).await;
+        self.progress.caught_up().await;
     }
 
     /// Runs `op` in the next batch and answers once its batch is committed.
@@ -241,6 +258,7 @@ fn run(
     progress: &Progress,
     sync: fn(WriteTransaction) -> Result<()>,
 ) {
+    let _ended = Ended(progress);
     // set once a commit fails after early answers: every later operation is refused
     let mut halted: Option<Error> = None;
     let mut batch = 0u64;
@@ -353,14 +371,20 @@ fn commit(
 mod tests {
     use super::*;
 
-    /// Runs `test` against a writer thread on a fresh database whose every commit fails, then
-    /// stops the thread.
-    fn with_failing_writer(test: impl FnOnce(&mpsc::Sender<Box<dyn Op>>)) {
-        let dir = tempfile::tempdir().unwrap();
+    /// A database with every table, in `dir`.
+    fn fresh(dir: &tempfile::TempDir) -> Database {
         let db = Database::create(dir.path().join("w.redb")).unwrap();
         let txn = db.begin_write().unwrap();
         super::super::tables::create(&txn).unwrap();
         txn.commit().unwrap();
+        db
+    }
+
+    /// Runs `test` against a writer thread on a fresh database whose every commit fails, then
+    /// stops the thread.
+    fn with_failing_writer(test: impl FnOnce(&mpsc::Sender<Box<dyn Op>>)) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = fresh(&dir);
         let (ops, rx) = mpsc::channel(16);
         let thread = std::thread::spawn(move || {
             run(&db, rx, &Wakers::default(), &Progress::default(), failing)
@@ -433,6 +457,26 @@ mod tests {
             let e = text(&pause(ops, "a", false).blocking_recv().unwrap().unwrap_err());
             assert!(e.contains("the disk said no") && !e.contains("stopped"), "{e}");
         });
+    }
+
+    #[test]
+    fn readers_waiting_for_an_early_answers_commit_are_let_go_when_the_writer_dies() {
+        fn dies(_: WriteTransaction) -> Result<()> {
+            panic!("the writer died between an early answer and its commit")
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = fresh(&dir);
+        let progress = Arc::new(Progress::default());
+        let (ops, rx) = mpsc::channel(16);
+        let shared = progress.clone();
+        let thread = std::thread::spawn(move || run(&db, rx, &Wakers::default(), &shared, dies));
+        pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
+        assert!(thread.join().is_err(), "the writer panicked");
+        assert!(progress.early.load(Ordering::Acquire) > 0, "the answer was early");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let wait = std::time::Duration::from_secs(10);
+        let waited = rt.block_on(async { tokio::time::timeout(wait, progress.caught_up()).await });
+        assert!(waited.is_ok(), "a reader would wait forever");
     }
 
     #[test]
