@@ -277,15 +277,10 @@ fn run(
             continue;
         }
         batch += 1;
-        let mut early = false;
-        let done = commit(
-            db,
-            &mut ops,
-            &mut early,
-            || progress.early.store(batch, Ordering::Release),
-            sync,
-        );
+        let done = commit(db, &mut ops, || progress.early.store(batch, Ordering::Release), sync);
         progress.settled.send_replace(batch);
+        // whether this batch answered early with writes
+        let early = progress.early.load(Ordering::Relaxed) == batch;
         match done {
             Ok(woken) => {
                 for mut op in ops {
@@ -318,11 +313,10 @@ fn run(
 /// Applies `ops` in one durable transaction; answers the queues with new events. An operation
 /// that fails after writing is answered at once and taken out, and the batch is redone. Early
 /// operations are answered between the last pass and the commit, after `announce` when any of
-/// them wrote; `early` tells whether any did.
+/// them wrote.
 fn commit(
     db: &Database,
     ops: &mut Vec<Box<dyn Op>>,
-    early: &mut bool,
     announce: impl FnOnce(),
     sync: fn(WriteTransaction) -> Result<()>,
 ) -> Result<Vec<QueueName>> {
@@ -354,7 +348,6 @@ fn commit(
             continue;
         }
         let woken = tx.finish()?;
-        *early = wrote_early;
         if wrote_early {
             announce();
         }
