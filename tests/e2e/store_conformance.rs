@@ -46,15 +46,33 @@ impl Backend for Embedded {
     async fn open(
         queues: &[(&str, QueueConfig)],
     ) -> Result<Harness<EmbeddedStore, tempfile::TempDir>> {
-        let dir = tempfile::tempdir()?;
-        let cfg = StoreConfig { path: dir.path().join("store"), ..Default::default() };
-        let named = queues
-            .iter()
-            .map(|(n, c)| Ok((QueueName::new(*n)?, c.clone())))
-            .collect::<Result<_>>()?;
-        let store = EmbeddedStore::open(&cfg, QueueConfigs::new(named))?;
-        Ok(Harness { store, _keep: dir })
+        open_embedded(queues, 0)
     }
+}
+
+/// The embedded store acknowledging commits before their sync (`store.sync_ms`).
+pub(crate) struct EmbeddedLazy;
+
+impl Backend for EmbeddedLazy {
+    type S = EmbeddedStore;
+    type K = tempfile::TempDir;
+    async fn open(
+        queues: &[(&str, QueueConfig)],
+    ) -> Result<Harness<EmbeddedStore, tempfile::TempDir>> {
+        open_embedded(queues, 1000)
+    }
+}
+
+fn open_embedded(
+    queues: &[(&str, QueueConfig)],
+    sync_ms: u64,
+) -> Result<Harness<EmbeddedStore, tempfile::TempDir>> {
+    let dir = tempfile::tempdir()?;
+    let cfg = StoreConfig { path: dir.path().join("store"), sync_ms, ..Default::default() };
+    let named =
+        queues.iter().map(|(n, c)| Ok((QueueName::new(*n)?, c.clone()))).collect::<Result<_>>()?;
+    let store = EmbeddedStore::open(&cfg, QueueConfigs::new(named))?;
+    Ok(Harness { store, _keep: dir })
 }
 
 macro_rules! conformance {
@@ -72,6 +90,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $name() -> anyhow::Result<()> {
                     super::$name::<super::Embedded>().await
+                }
+            )*
+        }
+        mod embedded_lazy {
+            $(
+                #[tokio::test]
+                async fn $name() -> anyhow::Result<()> {
+                    super::$name::<super::EmbeddedLazy>().await
                 }
             )*
         }

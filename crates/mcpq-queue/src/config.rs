@@ -12,6 +12,8 @@ use crate::task::{MAX_ATTEMPTS, QueueName};
 
 /// Largest `store.cache_mb`: 64 GiB.
 const MAX_CACHE_MB: u64 = 65_536;
+/// Largest `store.sync_ms`: a minute.
+const MAX_SYNC_MS: u64 = 60_000;
 
 /// `[store]`: where tasks live.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -22,6 +24,10 @@ pub struct StoreConfig {
     /// The embedded store's page cache, MiB: the most memory it keeps of its file, whatever
     /// the queues' depth (redb's own default is 1 GiB).
     pub cache_mb: u64,
+    /// How far apart the embedded store syncs its commits to disk, ms: 0 syncs each commit
+    /// before acknowledging it (the default); N acknowledges commits at once and syncs them at
+    /// most N ms later, so a crash loses at most the last N ms of acknowledged writes.
+    pub sync_ms: u64,
     /// Redis URL (`redis://`, `rediss://` for TLS, `redis+unix://`); set it to use Redis.
     pub redis_url: Option<String>,
     /// Limit for connecting to the store.
@@ -35,6 +41,7 @@ impl Default for StoreConfig {
         Self {
             path: PathBuf::from("./mcpq-data"),
             cache_mb: 16,
+            sync_ms: 0,
             redis_url: None,
             connect_timeout_ms: 5000,
             response_timeout_ms: 5000,
@@ -67,6 +74,12 @@ impl StoreConfig {
                 format!("{} is out of range 1..={MAX_CACHE_MB}", self.cache_mb),
             ));
         }
+        if self.sync_ms > MAX_SYNC_MS {
+            return Err(InvalidInput::new(
+                "store.sync_ms",
+                format!("{} is out of range 0..={MAX_SYNC_MS}", self.sync_ms),
+            ));
+        }
         for (key, v) in [
             ("store.connect_timeout_ms", self.connect_timeout_ms),
             ("store.response_timeout_ms", self.response_timeout_ms),
@@ -81,6 +94,11 @@ impl StoreConfig {
     /// The embedded store's page cache in bytes.
     pub fn cache_bytes(&self) -> usize {
         usize::try_from(self.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// How long the embedded store may keep acknowledged commits unsynced; `None`: not at all.
+    pub fn sync_within(&self) -> Option<Duration> {
+        (self.sync_ms > 0).then(|| Duration::from_millis(self.sync_ms))
     }
 
     /// The connect timeout.
@@ -196,6 +214,14 @@ mod tests {
             (e.field.as_str(), e.message.as_str()),
             ("store.cache_mb", "0 is out of range 1..=65536")
         );
+        let e = StoreConfig { sync_ms: 60_001, ..Default::default() }.validate().unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("store.sync_ms", "60001 is out of range 0..=60000")
+        );
+        assert_eq!(StoreConfig::default().sync_within(), None, "every commit synced by default");
+        let lazy = StoreConfig { sync_ms: 1000, ..Default::default() };
+        assert_eq!(lazy.sync_within(), Some(Duration::from_secs(1)));
         let ok = StoreConfig {
             redis_url: Some("redis://127.0.0.1:6379/0".into()),
             ..Default::default()

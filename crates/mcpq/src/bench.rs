@@ -32,6 +32,10 @@ pub enum StoreKind {
     RedisAof,
     /// The embedded store (every commit synced to disk).
     Embedded,
+    /// The embedded store syncing its commits once a second (`store.sync_ms = 1000`).
+    #[value(name = "embedded-1s")]
+    #[serde(rename = "embedded-1s")]
+    Embedded1s,
 }
 
 impl StoreKind {
@@ -40,7 +44,13 @@ impl StoreKind {
             Self::Redis => "redis",
             Self::RedisAof => "redis+aof",
             Self::Embedded => "embedded",
+            Self::Embedded1s => "embedded-1s",
         }
+    }
+
+    /// The embedded store's `store.sync_ms`.
+    fn sync_ms(self) -> u64 {
+        if self == Self::Embedded1s { 1000 } else { 0 }
     }
 }
 
@@ -62,7 +72,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_values = ["drain", "steady", "scale"])]
     pub only: Vec<Measure>,
     /// Stores to bench.
-    #[arg(long, value_delimiter = ',', default_values = ["redis", "redis-aof", "embedded"])]
+    #[arg(long, value_delimiter = ',', default_values = ["redis", "redis-aof", "embedded", "embedded-1s"])]
     pub stores: Vec<StoreKind>,
     /// Numbers of echo servers; steady and scale use the largest.
     #[arg(long, value_delimiter = ',', default_values = ["1", "3"],
@@ -302,7 +312,8 @@ async fn measure_all(args: &BenchArgs) -> Result<Report> {
                     report.steady.push(row);
                 }
             }
-            if scale && kind != StoreKind::RedisAof {
+            // scale: one store of each kind (claims and depth do not depend on syncs)
+            if scale && matches!(kind, StoreKind::Redis | StoreKind::Embedded) {
                 for &depth in &args.depths {
                     report.scale.push(scale_row(args, &mut backend, &echo, depth).await?);
                 }
@@ -316,7 +327,7 @@ async fn measure_all(args: &BenchArgs) -> Result<Report> {
 /// A store under test: a Redis server, or a directory for embedded stores.
 enum Backend {
     Redis(StoreKind, Box<RedisProc>),
-    Embedded(tempfile::TempDir),
+    Embedded(StoreKind, tempfile::TempDir),
 }
 
 impl Backend {
@@ -326,21 +337,22 @@ impl Backend {
                 kind,
                 Box::new(RedisProc::start(redis_server, kind == StoreKind::RedisAof).await?),
             ),
-            StoreKind::Embedded => Self::Embedded(tempfile::tempdir()?),
+            StoreKind::Embedded | StoreKind::Embedded1s => {
+                Self::Embedded(kind, tempfile::tempdir()?)
+            }
         })
     }
 
     fn kind(&self) -> StoreKind {
         match self {
-            Self::Redis(kind, _) => *kind,
-            Self::Embedded(_) => StoreKind::Embedded,
+            Self::Redis(kind, _) | Self::Embedded(kind, _) => *kind,
         }
     }
 
     fn redis(&mut self) -> Option<&mut RedisProc> {
         match self {
             Self::Redis(_, r) => Some(r),
-            Self::Embedded(_) => None,
+            Self::Embedded(..) => None,
         }
     }
 
@@ -352,18 +364,23 @@ impl Backend {
         Ok(Some(RedisStore::open(&cfg, QueueConfigs::default()).await?))
     }
 
-    /// The directory of a fresh embedded store.
-    fn fresh_dir(&self, name: &str) -> Option<PathBuf> {
+    /// A fresh embedded store's configuration.
+    fn fresh_embedded(&self, name: &str) -> Option<StoreConfig> {
         match self {
-            Self::Embedded(dir) => Some(dir.path().join(name)),
+            Self::Embedded(kind, dir) => Some(StoreConfig {
+                path: dir.path().join(name),
+                sync_ms: kind.sync_ms(),
+                ..Default::default()
+            }),
             Self::Redis(..) => None,
         }
     }
 }
 
-async fn open_embedded(dir: PathBuf) -> Result<EmbeddedStore> {
+async fn open_embedded(cfg: StoreConfig) -> Result<EmbeddedStore> {
     // opening checks the file: blocking work
-    Ok(tokio::task::spawn_blocking(move || EmbeddedStore::open_path(dir)).await??)
+    let open = move || EmbeddedStore::open(&cfg, QueueConfigs::default());
+    Ok(tokio::task::spawn_blocking(open).await??)
 }
 
 /// Runs `f` on a fresh store of the backend's kind.
@@ -372,8 +389,8 @@ macro_rules! on_fresh_store {
         match $backend.fresh_redis().await? {
             Some($store) => $body,
             None => {
-                let dir = $backend.fresh_dir($name).context("no directory for the store")?;
-                let $store = open_embedded(dir).await?;
+                let cfg = $backend.fresh_embedded($name).context("no directory for the store")?;
+                let $store = open_embedded(cfg).await?;
                 $body
             }
         }
@@ -399,7 +416,7 @@ async fn drain_row(
         let name = format!("drain-{k}-{run}");
         let urls = echo.urls.clone();
         let r = on_fresh_store!(backend, &name, |store| {
-            let redis = if kind == StoreKind::Embedded { None } else { backend.redis() };
+            let redis = backend.redis();
             measure::drain(store, &urls, echo, redis, args.tasks).await?
         });
         check(&r.accounting, "drain")?;
@@ -534,10 +551,11 @@ async fn serve_memory(
     let mut toml = String::from("node = \"bench-serve\"\n[api]\nlisten = \"127.0.0.1:0\"\n");
     match backend {
         Backend::Redis(_, r) => toml.push_str(&format!("[store]\nredis_url = \"{}\"\n", r.url())),
-        Backend::Embedded(d) => {
+        Backend::Embedded(kind, d) => {
             let path = d.path().join(name);
             wait_closed(&path).await?;
-            toml.push_str(&format!("[store]\npath = {:?}\n", path.display().to_string()));
+            let path = path.display().to_string();
+            toml.push_str(&format!("[store]\npath = {path:?}\nsync_ms = {}\n", kind.sync_ms()));
         }
     }
     for (i, url) in urls.iter().enumerate() {

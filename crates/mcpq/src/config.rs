@@ -280,6 +280,7 @@ mod tests {
             ("MCPQ_STORE__REDIS_URL".to_owned(), "redis://127.0.0.1:2/".to_owned()),
             ("MCPQ_QUEUES__MAIL__MAX_ATTEMPTS".to_owned(), "9".to_owned()),
             ("MCPQ_STORE__CACHE_MB".to_owned(), "64".to_owned()),
+            ("MCPQ_STORE__SYNC_MS".to_owned(), "1000".to_owned()),
             ("UNRELATED".to_owned(), "x".to_owned()),
             ("MCPQ_LOG".to_owned(), "debug".to_owned()),
             ("MCPQ_API".to_owned(), "http://127.0.0.1:7601".to_owned()),
@@ -289,6 +290,7 @@ mod tests {
         assert_eq!(cfg.store.redis_url.as_deref(), Some("redis://127.0.0.1:2/"));
         assert_eq!(cfg.queues["mail"].max_attempts, 9);
         assert_eq!(cfg.store.cache_mb, 64);
+        assert_eq!(cfg.store.sync_ms, 1000);
     }
 
     #[test]
@@ -298,6 +300,7 @@ mod tests {
             "store.redis_url"
         );
         assert_eq!(key_of(Config::from_toml("[store]\ncache_mb = 0")), "store.cache_mb");
+        assert_eq!(key_of(Config::from_toml("[store]\nsync_ms = 60001")), "store.sync_ms");
         assert_eq!(key_of(Config::from_toml("[queues.\"a b\"]\nmax_attempts = 3")), "queues.a b");
         assert_eq!(
             key_of(Config::from_toml("[queues.mail]\nmax_attempts = 0")),

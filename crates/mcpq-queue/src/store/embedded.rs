@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use self::ops::{Settle, Staged};
 use self::tables::Snapshot;
-use self::writer::{Wakers, Writer};
+use self::writer::{Lazy, Wakers, Writer};
 use crate::config::{QueueConfig, QueueConfigs, StoreConfig};
 use crate::error::{Error, InvalidInput, Result};
 use crate::event::{Event, EventId, EventKind};
@@ -95,8 +95,15 @@ impl EmbeddedStore {
         txn.commit().map_err(storage)?;
         let db = Arc::new(db);
         let wakers = Arc::new(Wakers::default());
-        let writer = Writer::start(db.clone(), wakers.clone())?;
+        let lazy = cfg.sync_within().map(Lazy::new).transpose()?;
+        let writer = Writer::start(db.clone(), wakers.clone(), lazy)?;
         Ok(Self { inner: Arc::new(Inner { writer, db, queues, wakers, dir }) })
+    }
+
+    /// Syncs every write acknowledged so far to disk: with `store.sync_ms` set, writes are
+    /// acknowledged before their sync; without, this costs one empty synced commit.
+    pub async fn sync(&self) -> Result<()> {
+        self.inner.writer.sync().await
     }
 
     /// The directory the store lives in.

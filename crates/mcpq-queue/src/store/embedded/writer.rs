@@ -12,6 +12,12 @@
 //! it back. Should that commit fail, the writer stops (every later operation fails until the
 //! store is reopened), so a token handed out early is never handed out twice by one process.
 //!
+//! With `store.sync_ms` set, commits are answered before their sync and synced in the background
+//! at most that long after the oldest one not yet synced (by the next batch, or by an empty
+//! commit when none comes): a crash then loses at most that window of acknowledged writes, the
+//! trade Redis makes with `appendfsync everysec`. Any failed commit stops the writer in that
+//! mode, as answers went out for commits whose sync it can no longer vouch for.
+//!
 //! Each operation is all-or-nothing on its own. One that fails before writing anything is
 //! answered with its error and the batch carries on. One that fails after writing (corrupt
 //! data met halfway, a storage error) would leave half a transition in the shared transaction,
@@ -22,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -45,16 +52,29 @@ pub(super) trait Op: Send {
     fn refuse(&mut self, e: Error);
     /// Whether it is answered once applied, before its batch's commit.
     fn early(&self) -> bool;
+    /// Whether its batch's commit must be synced before it is answered, whatever the mode.
+    fn synced(&self) -> bool;
     /// Sends the kept answer, or `failed` (the commit's error) in place of a success; a second
     /// call sends nothing.
     fn answer(&mut self, failed: Option<&Error>);
+}
+
+/// When an operation is answered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum When {
+    /// Once applied, before its batch's commit (claims).
+    Applied,
+    /// After its batch's commit, synced or not as the mode says.
+    Committed,
+    /// After its batch's commit, synced.
+    Synced,
 }
 
 struct Pending<T, F> {
     run: F,
     answer: Option<Result<T>>,
     reply: Option<oneshot::Sender<Result<T>>>,
-    early: bool,
+    when: When,
 }
 
 impl<T, F> Op for Pending<T, F>
@@ -72,7 +92,11 @@ where
     }
 
     fn early(&self) -> bool {
-        self.early
+        self.when == When::Applied
+    }
+
+    fn synced(&self) -> bool {
+        self.when == When::Synced
     }
 
     fn answer(&mut self, failed: Option<&Error>) {
@@ -139,15 +163,21 @@ impl Wakers {
 }
 
 /// How far the writer has got, in batches counted from 1: the last one that answered early
-/// with writes, and the last one whose commit ended (committed or failed).
+/// with writes, the last one whose commit ended (committed or failed), and the last one known
+/// to be on disk (synced, or followed by a synced commit).
 struct Progress {
     early: AtomicU64,
     settled: watch::Sender<u64>,
+    synced: watch::Sender<u64>,
 }
 
 impl Default for Progress {
     fn default() -> Self {
-        Self { early: AtomicU64::new(0), settled: watch::Sender::new(0) }
+        Self {
+            early: AtomicU64::new(0),
+            settled: watch::Sender::new(0),
+            synced: watch::Sender::new(0),
+        }
     }
 }
 
@@ -195,17 +225,67 @@ impl Drop for Joiner {
     }
 }
 
+/// Commits answered before their sync, and how soon after the oldest of them the sync comes.
+pub(super) struct Lazy {
+    within: Duration,
+    // the clock that ends a wait for the next operation when a sync is due
+    clock: tokio::runtime::Runtime,
+}
+
+impl Lazy {
+    /// Syncs at most `within` after the oldest commit not yet synced.
+    pub(super) fn new(within: Duration) -> Result<Self> {
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Unavailable(Box::new(e)))?;
+        Ok(Self { within, clock })
+    }
+}
+
+/// What waiting for the writer's next operation gave.
+enum Next {
+    Op(Box<dyn Op>),
+    /// A sync is due first.
+    Due,
+    Closed,
+}
+
+fn next(rx: &mut mpsc::Receiver<Box<dyn Op>>, lazy: Option<&Lazy>, due: Option<Instant>) -> Next {
+    let got = match (lazy, due) {
+        (Some(lazy), Some(due)) => {
+            // the timer needs the clock's context: made inside `block_on`
+            let wait = async { tokio::time::timeout_at(due.into(), rx.recv()).await };
+            match lazy.clock.block_on(wait) {
+                Ok(got) => got,
+                Err(_) => return Next::Due,
+            }
+        }
+        _ => rx.blocking_recv(),
+    };
+    got.map_or(Next::Closed, Next::Op)
+}
+
 impl Writer {
-    /// Starts the writer thread on `db`.
-    pub(super) fn start(db: Arc<Database>, wakers: Arc<Wakers>) -> Result<Self> {
+    /// Starts the writer thread on `db`; with `lazy`, commits are answered before their sync.
+    pub(super) fn start(
+        db: Arc<Database>,
+        wakers: Arc<Wakers>,
+        lazy: Option<Lazy>,
+    ) -> Result<Self> {
         let (ops, rx) = mpsc::channel(QUEUE_DEPTH);
         let progress = Arc::new(Progress::default());
         let shared = progress.clone();
         let thread = std::thread::Builder::new()
             .name("mcpq-store-writer".into())
-            .spawn(move || run(&db, rx, &wakers, &shared, sync))
+            .spawn(move || run(&db, rx, &wakers, &shared, commit_txn, lazy.as_ref()))
             .map_err(|e| Error::Unavailable(Box::new(e)))?;
         Ok(Self { ops, progress, _thread: Joiner(Some(thread)) })
+    }
+
+    /// Syncs every write answered so far to disk, then answers.
+    pub(super) async fn sync(&self) -> Result<()> {
+        self.send(|_: &mut Tx<'_>| Ok(()), When::Synced).await
     }
 
     /// Waits until every early answer given so far has its batch's commit behind it (at once
@@ -220,7 +300,7 @@ impl Writer {
         T: Send + 'static,
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
-        self.send(op, false).await
+        self.send(op, When::Committed).await
     }
 
     /// Runs `op` in the next batch and answers once the batch is applied, before its commit:
@@ -230,39 +310,56 @@ impl Writer {
         T: Send + 'static,
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
-        self.send(op, true).await
+        self.send(op, When::Applied).await
     }
 
-    async fn send<T, F>(&self, op: F, early: bool) -> Result<T>
+    async fn send<T, F>(&self, op: F, when: When) -> Result<T>
     where
         T: Send + 'static,
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let pending = Box::new(Pending { run: op, answer: None, reply: Some(reply), early });
+        let pending = Box::new(Pending { run: op, answer: None, reply: Some(reply), when });
         self.ops.send(pending).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
-/// Commits a write transaction durably.
-fn sync(txn: WriteTransaction) -> Result<()> {
+/// Commits a write transaction (synced or not, as set on it).
+fn commit_txn(txn: WriteTransaction) -> Result<()> {
     txn.commit().map_err(storage)
 }
 
-/// The writer's loop; `sync` commits each batch's transaction (a test makes it fail).
+/// The writer's loop; `finish` commits each transaction (a test makes it fail); with `lazy`,
+/// commits are answered before their sync.
 fn run(
     db: &Database,
     mut rx: mpsc::Receiver<Box<dyn Op>>,
     wakers: &Wakers,
     progress: &Progress,
-    sync: fn(WriteTransaction) -> Result<()>,
+    finish: fn(WriteTransaction) -> Result<()>,
+    lazy: Option<&Lazy>,
 ) {
     let _ended = Ended(progress);
-    // set once a commit fails after early answers: every later operation is refused
+    // set once a commit fails after answers that relied on it: every later operation is refused
     let mut halted: Option<Error> = None;
     let mut batch = 0u64;
-    while let Some(first) = rx.blocking_recv() {
+    // when the oldest answered commit not yet synced was made
+    let mut unsynced: Option<Instant> = None;
+    loop {
+        let due = lazy.zip(unsynced).map(|(l, since)| since + l.within);
+        let first = match next(&mut rx, lazy, due) {
+            Next::Op(op) => op,
+            Next::Closed => break,
+            Next::Due => {
+                match sync_empty(db, finish) {
+                    Ok(()) => drop(progress.synced.send_replace(batch)),
+                    Err(e) => halted = Some(halt(&e, "the commits since the last sync")),
+                }
+                unsynced = None;
+                continue;
+            }
+        };
         let mut ops = vec![first];
         while ops.len() < MAX_OPS {
             match rx.try_recv() {
@@ -277,12 +374,26 @@ fn run(
             continue;
         }
         batch += 1;
-        let done = commit(db, &mut ops, || progress.early.store(batch, Ordering::Release), sync);
+        let durable = match lazy {
+            None => true,
+            Some(l) => {
+                ops.iter().any(|op| op.synced())
+                    || unsynced.is_some_and(|since| since.elapsed() >= l.within)
+            }
+        };
+        let announce = || progress.early.store(batch, Ordering::Release);
+        let done = commit(db, &mut ops, announce, durable, finish);
         progress.settled.send_replace(batch);
         // whether this batch answered early with writes
         let early = progress.early.load(Ordering::Relaxed) == batch;
         match done {
-            Ok(woken) => {
+            Ok(Committed { woken, wrote }) => {
+                if durable {
+                    unsynced = None;
+                    progress.synced.send_replace(batch);
+                } else if wrote && unsynced.is_none() {
+                    unsynced = Some(Instant::now());
+                }
                 for mut op in ops {
                     op.answer(None);
                 }
@@ -294,39 +405,73 @@ fn run(
                     op.answer(Some(&e));
                 }
                 if early {
-                    tracing::error!(
-                        "claims were answered before this failed commit: the embedded store \
-                         refuses every write until it is reopened"
-                    );
-                    let why = format!(
-                        "the embedded store stopped after a failed commit ({}); restart to \
-                         reopen it",
-                        text(&e)
-                    );
-                    halted = Some(Error::Unavailable(why.into()));
+                    halted = Some(halt(&e, "claims answered before this commit"));
+                } else if unsynced.is_some() {
+                    halted = Some(halt(&e, "the commits since the last sync"));
+                }
+                if halted.is_some() {
+                    // nothing more reaches the disk
+                    unsynced = None;
                 }
             }
         }
     }
+    if unsynced.is_some() && halted.is_none() {
+        match sync_empty(db, finish) {
+            Ok(()) => drop(progress.synced.send_replace(batch)),
+            Err(e) => tracing::error!(
+                error = %e,
+                "the embedded store's last sync failed: its latest writes may be lost"
+            ),
+        }
+    }
 }
 
-/// Applies `ops` in one durable transaction; answers the queues with new events. An operation
-/// that fails after writing is answered at once and taken out, and the batch is redone. Early
-/// operations are answered between the last pass and the commit, after `announce` when any of
-/// them wrote.
+/// The error every operation gets once a failed commit `e` stopped the writer; logs why:
+/// `lost` names what was answered but may not be on disk.
+fn halt(e: &Error, lost: &str) -> Error {
+    tracing::error!(
+        error = %e,
+        "{lost} were answered already: the embedded store refuses every write until it is reopened"
+    );
+    let why = format!(
+        "the embedded store stopped after a failed commit ({}); restart to reopen it",
+        text(e)
+    );
+    Error::Unavailable(why.into())
+}
+
+/// Syncs every commit so far with an empty synced commit.
+fn sync_empty(db: &Database, finish: fn(WriteTransaction) -> Result<()>) -> Result<()> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(Durability::Immediate).map_err(storage)?;
+    finish(txn)
+}
+
+/// What a batch's commit did: the queues with new events, and whether it wrote anything.
+struct Committed {
+    woken: Vec<QueueName>,
+    wrote: bool,
+}
+
+/// Applies `ops` in one transaction, synced when `durable`. An operation that fails after
+/// writing is answered at once and taken out, and the batch is redone. Early operations are
+/// answered between the last pass and the commit, after `announce` when any of them wrote.
 fn commit(
     db: &Database,
     ops: &mut Vec<Box<dyn Op>>,
     announce: impl FnOnce(),
-    sync: fn(WriteTransaction) -> Result<()>,
-) -> Result<Vec<QueueName>> {
+    durable: bool,
+    finish: fn(WriteTransaction) -> Result<()>,
+) -> Result<Committed> {
+    let durability = if durable { Durability::Immediate } else { Durability::None };
     // each pass either commits or takes one operation out
     for _ in 0..=ops.len() {
         let mut txn = db.begin_write().map_err(storage)?;
-        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        txn.set_durability(durability).map_err(storage)?;
         let mut tx = Tx::open(&txn)?;
         let mut broken = None;
-        let mut wrote_early = false;
+        let (mut wrote, mut wrote_early) = (false, false);
         for (i, op) in ops.iter_mut().enumerate() {
             tx.begin_op();
             if let Err(e) = op.apply(&mut tx) {
@@ -336,6 +481,7 @@ fn commit(
                 }
                 op.refuse(e);
             }
+            wrote |= tx.dirty();
             wrote_early |= op.early() && tx.dirty();
         }
         if let Some((i, e)) = broken {
@@ -354,8 +500,8 @@ fn commit(
         for op in ops.iter_mut().filter(|op| op.early()) {
             op.answer(None);
         }
-        sync(txn)?;
-        return Ok(woken);
+        finish(txn)?;
+        return Ok(Committed { woken, wrote });
     }
     Err(Error::Corrupt("a batch kept failing halfway".into()))
 }
@@ -380,7 +526,7 @@ mod tests {
         let db = fresh(&dir);
         let (ops, rx) = mpsc::channel(16);
         let thread = std::thread::spawn(move || {
-            run(&db, rx, &Wakers::default(), &Progress::default(), failing)
+            run(&db, rx, &Wakers::default(), &Progress::default(), failing, None)
         });
         test(&ops);
         drop(ops);
@@ -391,14 +537,14 @@ mod tests {
     fn submit<T, F>(
         ops: &mpsc::Sender<Box<dyn Op>>,
         run: F,
-        early: bool,
+        when: When,
     ) -> oneshot::Receiver<Result<T>>
     where
         T: Send + 'static,
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let op = Pending { run, answer: None, reply: Some(reply), early };
+        let op = Pending { run, answer: None, reply: Some(reply), when };
         ops.blocking_send(Box::new(op)).unwrap();
         answer
     }
@@ -410,7 +556,8 @@ mod tests {
         early: bool,
     ) -> oneshot::Receiver<Result<()>> {
         let queue = QueueName::new(q).unwrap();
-        submit(ops, move |tx: &mut Tx<'_>| tx.set_paused(&queue, true), early)
+        let when = if early { When::Applied } else { When::Committed };
+        submit(ops, move |tx: &mut Tx<'_>| tx.set_paused(&queue, true), when)
     }
 
     fn failing(txn: WriteTransaction) -> Result<()> {
@@ -446,7 +593,7 @@ mod tests {
     fn an_early_operation_that_writes_nothing_keeps_the_writer_going_after_a_failed_commit() {
         with_failing_writer(|ops| {
             let read = |tx: &mut Tx<'_>| tx.paused(&QueueName::new("a").unwrap());
-            assert!(!submit(ops, read, true).blocking_recv().unwrap().unwrap());
+            assert!(!submit(ops, read, When::Applied).blocking_recv().unwrap().unwrap());
             let e = text(&pause(ops, "a", false).blocking_recv().unwrap().unwrap_err());
             assert!(e.contains("the disk said no") && !e.contains("stopped"), "{e}");
         });
@@ -462,7 +609,8 @@ mod tests {
         let progress = Arc::new(Progress::default());
         let (ops, rx) = mpsc::channel(16);
         let shared = progress.clone();
-        let thread = std::thread::spawn(move || run(&db, rx, &Wakers::default(), &shared, dies));
+        let thread =
+            std::thread::spawn(move || run(&db, rx, &Wakers::default(), &shared, dies, None));
         pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
         assert!(thread.join().is_err(), "the writer panicked");
         assert!(progress.early.load(Ordering::Acquire) > 0, "the answer was early");
@@ -470,6 +618,96 @@ mod tests {
         let wait = std::time::Duration::from_secs(10);
         let waited = rt.block_on(async { tokio::time::timeout(wait, progress.caught_up()).await });
         assert!(waited.is_ok(), "a reader would wait forever");
+    }
+
+    /// A writer thread with `lazy` syncs on a fresh database in `dir`.
+    fn lazy_writer(
+        dir: &tempfile::TempDir,
+        within: Duration,
+    ) -> (mpsc::Sender<Box<dyn Op>>, Arc<Progress>, JoinHandle<()>) {
+        let db = fresh(dir);
+        let lazy = Lazy::new(within).unwrap();
+        let progress = Arc::new(Progress::default());
+        let (ops, rx) = mpsc::channel(16);
+        let shared = progress.clone();
+        let thread = std::thread::spawn(move || {
+            run(&db, rx, &Wakers::default(), &shared, commit_txn, Some(&lazy))
+        });
+        (ops, progress, thread)
+    }
+
+    /// Whether queue `q` is paused in a copy of the database file as the disk holds it now,
+    /// which is what a crash at this moment would leave (the writer is idle while it is copied).
+    fn paused_after_a_crash(dir: &tempfile::TempDir, q: &str) -> bool {
+        let copy = dir.path().join("crashed.redb");
+        std::fs::copy(dir.path().join("w.redb"), &copy).unwrap();
+        let db = Database::open(&copy).unwrap();
+        let read = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let snapshot = super::super::tables::Snapshot::open(&read).unwrap();
+        let paused = snapshot.stats(&QueueName::new(q).unwrap()).unwrap().paused;
+        drop((snapshot, read, db));
+        std::fs::remove_file(copy).unwrap();
+        paused
+    }
+
+    #[test]
+    fn lazy_commits_are_answered_before_their_sync_and_reach_the_disk_when_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        // a window no test outlasts: nothing is synced unless asked for
+        let (ops, progress, thread) = lazy_writer(&dir, Duration::from_secs(3600));
+        pause(&ops, "a", false).blocking_recv().unwrap().unwrap();
+        assert_eq!(*progress.synced.borrow(), 0, "answered before any sync");
+        assert!(!paused_after_a_crash(&dir, "a"), "an unsynced commit is lost to a crash");
+        submit(&ops, |_: &mut Tx<'_>| Ok(()), When::Synced).blocking_recv().unwrap().unwrap();
+        assert!(paused_after_a_crash(&dir, "a"), "a sync keeps every commit before it");
+        // the writer's end syncs what is left
+        pause(&ops, "b", false).blocking_recv().unwrap().unwrap();
+        assert!(!paused_after_a_crash(&dir, "b"));
+        drop(ops);
+        thread.join().unwrap();
+        assert!(paused_after_a_crash(&dir, "b"), "synced when the store closed");
+        assert_eq!(*progress.synced.borrow(), 3, "each of the three batches counted as synced");
+    }
+
+    #[test]
+    fn lazy_commits_are_synced_within_the_window_without_another_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ops, progress, thread) = lazy_writer(&dir, Duration::from_millis(20));
+        pause(&ops, "a", false).blocking_recv().unwrap().unwrap();
+        let written = *progress.settled.borrow();
+        let mut synced = progress.synced.subscribe();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        // bounded only so that a missing sync fails instead of hanging
+        let ten_s = Duration::from_secs(10);
+        let wait = async { tokio::time::timeout(ten_s, synced.wait_for(|s| *s >= written)).await };
+        assert!(rt.block_on(wait).is_ok(), "no sync followed the commit");
+        assert!(paused_after_a_crash(&dir, "a"));
+        drop(ops);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_commit_after_unsynced_answers_stops_the_lazy_writer() {
+        static COMMITS: AtomicU64 = AtomicU64::new(0);
+        // the first commit goes through, every later one fails
+        fn first_only(txn: WriteTransaction) -> Result<()> {
+            if COMMITS.fetch_add(1, Ordering::SeqCst) == 0 { commit_txn(txn) } else { failing(txn) }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = fresh(&dir);
+        let lazy = Lazy::new(Duration::from_secs(3600)).unwrap();
+        let (ops, rx) = mpsc::channel(16);
+        let thread = std::thread::spawn(move || {
+            run(&db, rx, &Wakers::default(), &Progress::default(), first_only, Some(&lazy))
+        });
+        pause(&ops, "a", false).blocking_recv().unwrap().unwrap();
+        let failed = text(&pause(&ops, "b", false).blocking_recv().unwrap().unwrap_err());
+        assert!(failed.contains("the disk said no") && !failed.contains("stopped"), "{failed}");
+        let later = text(&pause(&ops, "c", false).blocking_recv().unwrap().unwrap_err());
+        assert!(later.contains("stopped after a failed commit"), "{later}");
+        drop(ops);
+        thread.join().unwrap();
+        assert_eq!(COMMITS.load(Ordering::SeqCst), 2, "no sync tried once stopped");
     }
 
     #[test]
