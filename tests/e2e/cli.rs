@@ -324,11 +324,24 @@ async fn demo_runs_with_no_setup_and_accounts_for_every_task() -> Result<()> {
 
 #[tokio::test]
 async fn serve_defaults_to_the_embedded_store_and_keeps_tasks_across_restarts() -> Result<()> {
+    keeps_tasks_across_restarts("").await
+}
+
+#[tokio::test]
+async fn serve_syncs_what_is_left_when_stopped_with_sync_ms_set() -> Result<()> {
+    // a window no test outlasts: only the syncs of a clean stop (the replica's own, and the
+    // database's close) keep the tasks
+    keeps_tasks_across_restarts("sync_ms = 60000\n").await
+}
+
+/// Runs a task and schedules one on a replica with the embedded store (`store` adds keys to its
+/// section), stops it with SIGTERM, and finds both as they were after a restart.
+async fn keeps_tasks_across_restarts(store: &str) -> Result<()> {
     use mcpq_tests::fleet::Node;
     let mcp = McpServer::start(Mode::Stateless).await?;
     let dir = tempfile::tempdir()?;
     let toml = format!(
-        "[store]\npath = \"{}\"\n[[servers]]\nname = \"a\"\nurl = \"{}\"\n",
+        "[store]\npath = \"{}\"\n{store}[[servers]]\nname = \"a\"\nurl = \"{}\"\n",
         dir.path().join("data").display(),
         mcp.url()
     );

@@ -416,6 +416,8 @@ fn run(
             }
         }
     }
+    // the last commits synced here rather than left to redb's close, so a failure is logged
+    // and the writer's progress says so
     if unsynced.is_some() && halted.is_none() {
         match sync_empty(db, finish) {
             Ok(()) => drop(progress.synced.send_replace(batch)),
