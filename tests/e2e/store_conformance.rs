@@ -38,41 +38,25 @@ impl Backend for Redis {
     }
 }
 
-pub(crate) struct Embedded;
+/// The embedded store with `store.sync_ms = SYNC_MS` (0: each commit synced before its answer).
+pub(crate) struct Embedded<const SYNC_MS: u64 = 0>;
 
-impl Backend for Embedded {
+impl<const SYNC_MS: u64> Backend for Embedded<SYNC_MS> {
     type S = EmbeddedStore;
     type K = tempfile::TempDir;
     async fn open(
         queues: &[(&str, QueueConfig)],
     ) -> Result<Harness<EmbeddedStore, tempfile::TempDir>> {
-        open_embedded(queues, 0)
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("store");
+        let cfg = StoreConfig { path, sync_ms: SYNC_MS, ..Default::default() };
+        let named = queues
+            .iter()
+            .map(|(n, c)| Ok((QueueName::new(*n)?, c.clone())))
+            .collect::<Result<_>>()?;
+        let store = EmbeddedStore::open(&cfg, QueueConfigs::new(named))?;
+        Ok(Harness { store, _keep: dir })
     }
-}
-
-/// The embedded store acknowledging commits before their sync (`store.sync_ms`).
-pub(crate) struct EmbeddedLazy;
-
-impl Backend for EmbeddedLazy {
-    type S = EmbeddedStore;
-    type K = tempfile::TempDir;
-    async fn open(
-        queues: &[(&str, QueueConfig)],
-    ) -> Result<Harness<EmbeddedStore, tempfile::TempDir>> {
-        open_embedded(queues, 1000)
-    }
-}
-
-fn open_embedded(
-    queues: &[(&str, QueueConfig)],
-    sync_ms: u64,
-) -> Result<Harness<EmbeddedStore, tempfile::TempDir>> {
-    let dir = tempfile::tempdir()?;
-    let cfg = StoreConfig { path: dir.path().join("store"), sync_ms, ..Default::default() };
-    let named =
-        queues.iter().map(|(n, c)| Ok((QueueName::new(*n)?, c.clone()))).collect::<Result<_>>()?;
-    let store = EmbeddedStore::open(&cfg, QueueConfigs::new(named))?;
-    Ok(Harness { store, _keep: dir })
 }
 
 macro_rules! conformance {
@@ -97,7 +81,8 @@ macro_rules! conformance {
             $(
                 #[tokio::test]
                 async fn $name() -> anyhow::Result<()> {
-                    super::$name::<super::EmbeddedLazy>().await
+                    // commits answered before their sync
+                    super::$name::<super::Embedded<1000>>().await
                 }
             )*
         }

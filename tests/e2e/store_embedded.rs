@@ -16,7 +16,8 @@ use mcpq_queue::{
 };
 use redb::ReadableTable;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const CHILD_ENV: &str = "MCPQ_E2E_CHILD";
@@ -47,6 +48,13 @@ fn child(name: &str, task: &str) -> tokio::process::Command {
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
     cmd
+}
+
+/// Starts the ignored test `name` in a second process with `task`; answers it and its stdout.
+fn spawn_child(name: &str, task: &str) -> Result<(Child, Lines<BufReader<ChildStdout>>)> {
+    let mut proc = child(name, task).spawn()?;
+    let stdout = proc.stdout.take().context("piped stdout")?;
+    Ok((proc, BufReader::new(stdout).lines()))
 }
 
 /// The task a `child_*` test was started for, if it was.
@@ -102,9 +110,7 @@ async fn everything_survives_closing_and_reopening_the_store() -> Result<()> {
 #[tokio::test]
 async fn acknowledged_enqueues_survive_a_killed_process() -> Result<()> {
     let (_tmp, dir) = store_dir()?;
-    let mut proc = child("child_enqueues_until_killed", &dir.to_string_lossy()).spawn()?;
-    let stdout = proc.stdout.take().context("piped stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut proc, mut lines) = spawn_child("child_enqueues_until_killed", &dir.to_string_lossy())?;
     let mut acked = HashSet::new();
     let read = async {
         while acked.len() < 300 {
@@ -158,9 +164,8 @@ async fn child_enqueues_until_killed() -> Result<()> {
 #[tokio::test]
 async fn with_sync_ms_a_killed_process_keeps_what_was_synced_and_only_that() -> Result<()> {
     let (_tmp, dir) = store_dir()?;
-    let mut proc = child("child_syncs_once_then_enqueues", &dir.to_string_lossy()).spawn()?;
-    let stdout = proc.stdout.take().context("piped stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut proc, mut lines) =
+        spawn_child("child_syncs_once_then_enqueues", &dir.to_string_lossy())?;
     let (mut synced, mut unsynced) = (HashSet::new(), HashSet::new());
     let read = async {
         let mut after_sync = false;
