@@ -47,10 +47,16 @@ pub async fn run(
             let report = run_on(store.clone(), name, cfg, listener, shutdown).await;
             // with store.sync_ms set, a clean stop leaves nothing acknowledged unsynced (the
             // store's last handle syncs too, but a straggling task may hold one past exit)
-            if let Err(e) = store.sync().await {
-                tracing::error!(error = %e, "the embedded store's last sync failed");
+            let why = "the embedded store's last sync failed: writes acknowledged since its \
+                       previous sync may be lost";
+            match (report, store.sync().await) {
+                (report, Ok(())) => report,
+                (Ok(_), Err(e)) => Err(anyhow::Error::new(e).context(why)),
+                (Err(first), Err(e)) => {
+                    tracing::error!(error = %e, "{why}");
+                    Err(first)
+                }
             }
-            report
         }
     }
 }
