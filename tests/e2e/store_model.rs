@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::future::join_all;
 use mcpq_queue::{
     CancelOutcome, ClaimToken, Completion, Disposition, EmbeddedStore, Enqueued, Error, Failure,
-    NewTask, QueueName, QueueStats, Release, Settled, Store, TaskId, TaskState,
+    NewTask, QueueName, QueueStats, Release, Settled, Store, StoreConfig, TaskId, TaskState,
 };
 use mcpq_tests::RedisServer;
 use proptest::prelude::*;
@@ -47,9 +47,20 @@ fn redis_store_agrees_with_the_model_after_every_step() -> anyhow::Result<()> {
 
 #[test]
 fn embedded_store_agrees_with_the_model_after_every_step() -> anyhow::Result<()> {
+    embedded_agrees_with_the_model(0)
+}
+
+#[test]
+fn embedded_store_with_sync_ms_agrees_with_the_model_after_every_step() -> anyhow::Result<()> {
+    // commits answered before their sync
+    embedded_agrees_with_the_model(1000)
+}
+
+fn embedded_agrees_with_the_model(sync_ms: u64) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let dir = tempfile::tempdir()?;
-    let store = EmbeddedStore::open_path(dir.path().join("store"))?;
+    let cfg = StoreConfig { path: dir.path().join("store"), sync_ms, ..Default::default() };
+    let store = EmbeddedStore::open(&cfg, Default::default())?;
     // a queue of its own per case: a queue shares nothing with another
     let case = std::cell::Cell::new(0u64);
     let outcome = TestRunner::new(config()).run(&ops(), |ops| {
