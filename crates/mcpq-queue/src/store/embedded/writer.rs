@@ -50,10 +50,8 @@ pub(super) trait Op: Send {
     fn apply(&mut self, tx: &mut Tx<'_>) -> Result<()>;
     /// Keeps an error as the answer.
     fn refuse(&mut self, e: Error);
-    /// Whether it is answered once applied, before its batch's commit.
-    fn early(&self) -> bool;
-    /// Whether its batch's commit must be synced before it is answered, whatever the mode.
-    fn synced(&self) -> bool;
+    /// When it is answered.
+    fn when(&self) -> When;
     /// Sends the kept answer, or `failed` (the commit's error) in place of a success; a second
     /// call sends nothing.
     fn answer(&mut self, failed: Option<&Error>);
@@ -61,7 +59,7 @@ pub(super) trait Op: Send {
 
 /// When an operation is answered.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum When {
+pub(super) enum When {
     /// Once applied, before its batch's commit (claims).
     Applied,
     /// After its batch's commit, synced or not as the mode says.
@@ -91,12 +89,8 @@ where
         self.answer = Some(Err(e));
     }
 
-    fn early(&self) -> bool {
-        self.when == When::Applied
-    }
-
-    fn synced(&self) -> bool {
-        self.when == When::Synced
+    fn when(&self) -> When {
+        self.when
     }
 
     fn answer(&mut self, failed: Option<&Error>) {
@@ -377,7 +371,7 @@ fn run(
         let durable = match lazy {
             None => true,
             Some(l) => {
-                ops.iter().any(|op| op.synced())
+                ops.iter().any(|op| op.when() == When::Synced)
                     || unsynced.is_some_and(|since| since.elapsed() >= l.within)
             }
         };
@@ -484,7 +478,7 @@ fn commit(
                 op.refuse(e);
             }
             wrote |= tx.dirty();
-            wrote_early |= op.early() && tx.dirty();
+            wrote_early |= op.when() == When::Applied && tx.dirty();
         }
         if let Some((i, e)) = broken {
             drop(tx);
@@ -499,7 +493,7 @@ fn commit(
         if wrote_early {
             announce();
         }
-        for op in ops.iter_mut().filter(|op| op.early()) {
+        for op in ops.iter_mut().filter(|op| op.when() == When::Applied) {
             op.answer(None);
         }
         finish(txn)?;
