@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use self::ops::{Settle, Staged};
 use self::tables::Snapshot;
-use self::writer::{Lazy, Wakers, Writer};
+use self::writer::{CLAIM_SYNC, Syncs, Wakers, Writer};
 use crate::config::{QueueConfig, QueueConfigs, StoreConfig};
 use crate::error::{Error, InvalidInput, Result};
 use crate::event::{Event, EventId, EventKind};
@@ -95,8 +95,11 @@ impl EmbeddedStore {
         txn.commit().map_err(storage)?;
         let db = Arc::new(db);
         let wakers = Arc::new(Wakers::default());
-        let lazy = cfg.sync_within().map(Lazy::new).transpose()?;
-        let writer = Writer::start(db.clone(), wakers.clone(), lazy)?;
+        let syncs = match cfg.sync_within() {
+            Some(within) => Syncs::lazy(within)?,
+            None => Syncs::every_commit(CLAIM_SYNC)?,
+        };
+        let writer = Writer::start(db.clone(), wakers.clone(), syncs)?;
         Ok(Self { inner: Arc::new(Inner { writer, db, queues, wakers, dir }) })
     }
 

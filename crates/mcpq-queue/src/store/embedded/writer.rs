@@ -11,6 +11,9 @@
 //! waits for that answer's commit ([`Writer::caught_up`]), so whoever learnt of the claim reads
 //! it back. Should that commit fail, the writer stops (every later operation fails until the
 //! store is reopened), so a token handed out early is never handed out twice by one process.
+//! For the same reason a batch of claims alone is not synced on its own commit: it reaches the
+//! disk with the next commit an answer waits for, or [`CLAIM_SYNC`] after it at the latest, so
+//! claims cost no sync of their own and do not hold up the syncs behind them.
 //!
 //! With `store.sync_ms` set, commits are answered before their sync and synced in the background
 //! at most that long after the oldest one not yet synced (by the next batch, or by an empty
@@ -42,6 +45,10 @@ use crate::task::QueueName;
 const MAX_OPS: usize = 256;
 /// Operations waiting for the writer before senders wait too.
 const QUEUE_DEPTH: usize = 4096;
+/// How long a commit of claims alone waits at most for its sync when every other commit is
+/// synced before its answer: a task claimed longer ago than that keeps its attempt through a
+/// crash, so a task that brings the process down still runs out of attempts.
+pub(super) const CLAIM_SYNC: Duration = Duration::from_millis(5);
 
 /// An operation waiting for the writer: it runs against the transaction (again, if the batch
 /// is redone) and keeps its answer until the commit decides it.
@@ -57,8 +64,8 @@ pub(super) trait Op: Send {
     fn answer(&mut self, failed: Option<&Error>);
 }
 
-/// When an operation is answered.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// When an operation is answered; ordered from the earliest.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(super) enum When {
     /// Once applied, before its batch's commit (claims).
     Applied,
@@ -219,21 +226,35 @@ impl Drop for Joiner {
     }
 }
 
-/// Commits answered before their sync, and how soon after the oldest of them the sync comes.
-pub(super) struct Lazy {
+/// Which commits are synced before their answers, and how soon the others are synced.
+pub(super) struct Syncs {
+    /// A batch with an operation answered this late or later is synced on its commit.
+    before: When,
+    /// The longest a commit waits for its sync otherwise, from the oldest one not yet synced.
     within: Duration,
     // the clock that ends a wait for the next operation when a sync is due
     clock: tokio::runtime::Runtime,
 }
 
-impl Lazy {
-    /// Syncs at most `within` after the oldest commit not yet synced.
-    pub(super) fn new(within: Duration) -> Result<Self> {
+impl Syncs {
+    /// Every commit an answer waits for synced first (the default); commits of claims alone
+    /// synced within `claims`.
+    pub(super) fn every_commit(claims: Duration) -> Result<Self> {
+        Self::new(When::Committed, claims)
+    }
+
+    /// Every commit answered before its sync, and synced at most `within` after the oldest
+    /// one not yet synced (`store.sync_ms`).
+    pub(super) fn lazy(within: Duration) -> Result<Self> {
+        Self::new(When::Synced, within)
+    }
+
+    fn new(before: When, within: Duration) -> Result<Self> {
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .map_err(|e| Error::Unavailable(Box::new(e)))?;
-        Ok(Self { within, clock })
+        Ok(Self { before, within, clock })
     }
 }
 
@@ -245,34 +266,30 @@ enum Next {
     Closed,
 }
 
-fn next(rx: &mut mpsc::Receiver<Box<dyn Op>>, lazy: Option<&Lazy>, due: Option<Instant>) -> Next {
-    let got = match (lazy, due) {
-        (Some(lazy), Some(due)) => {
+fn next(rx: &mut mpsc::Receiver<Box<dyn Op>>, syncs: &Syncs, due: Option<Instant>) -> Next {
+    let got = match due {
+        Some(due) => {
             // the timer needs the clock's context: made inside `block_on`
             let wait = async { tokio::time::timeout_at(due.into(), rx.recv()).await };
-            match lazy.clock.block_on(wait) {
+            match syncs.clock.block_on(wait) {
                 Ok(got) => got,
                 Err(_) => return Next::Due,
             }
         }
-        _ => rx.blocking_recv(),
+        None => rx.blocking_recv(),
     };
     got.map_or(Next::Closed, Next::Op)
 }
 
 impl Writer {
-    /// Starts the writer thread on `db`; with `lazy`, commits are answered before their sync.
-    pub(super) fn start(
-        db: Arc<Database>,
-        wakers: Arc<Wakers>,
-        lazy: Option<Lazy>,
-    ) -> Result<Self> {
+    /// Starts the writer thread on `db`, syncing as `syncs` says.
+    pub(super) fn start(db: Arc<Database>, wakers: Arc<Wakers>, syncs: Syncs) -> Result<Self> {
         let (ops, rx) = mpsc::channel(QUEUE_DEPTH);
         let progress = Arc::new(Progress::default());
         let shared = progress.clone();
         let thread = std::thread::Builder::new()
             .name("mcpq-store-writer".into())
-            .spawn(move || run(&db, rx, &wakers, &shared, commit_txn, lazy.as_ref()))
+            .spawn(move || run(&db, rx, &wakers, &shared, commit_txn, &syncs))
             .map_err(|e| Error::Unavailable(Box::new(e)))?;
         Ok(Self { ops, progress, _thread: Joiner(Some(thread)) })
     }
@@ -324,15 +341,15 @@ fn commit_txn(txn: WriteTransaction) -> Result<()> {
     txn.commit().map_err(storage)
 }
 
-/// The writer's loop; `finish` commits each transaction (a test makes it fail); with `lazy`,
-/// commits are answered before their sync.
+/// The writer's loop; `finish` commits each transaction (a test makes it fail); `syncs` says
+/// which commits are synced before their answers.
 fn run(
     db: &Database,
     mut rx: mpsc::Receiver<Box<dyn Op>>,
     wakers: &Wakers,
     progress: &Progress,
     finish: fn(WriteTransaction) -> Result<()>,
-    lazy: Option<&Lazy>,
+    syncs: &Syncs,
 ) {
     let _ended = Ended(progress);
     // set once a commit fails after answers that relied on it: every later operation is refused
@@ -341,8 +358,8 @@ fn run(
     // when the oldest answered commit not yet synced was made
     let mut unsynced: Option<Instant> = None;
     loop {
-        let due = lazy.zip(unsynced).map(|(l, since)| since + l.within);
-        let first = match next(&mut rx, lazy, due) {
+        let due = unsynced.map(|since| since + syncs.within);
+        let first = match next(&mut rx, syncs, due) {
             Next::Op(op) => op,
             Next::Closed => break,
             Next::Due => {
@@ -368,13 +385,8 @@ fn run(
             continue;
         }
         batch += 1;
-        let durable = match lazy {
-            None => true,
-            Some(l) => {
-                ops.iter().any(|op| op.when() == When::Synced)
-                    || unsynced.is_some_and(|since| since.elapsed() >= l.within)
-            }
-        };
+        let durable = ops.iter().any(|op| op.when() >= syncs.before)
+            || unsynced.is_some_and(|since| since.elapsed() >= syncs.within);
         let announce = || progress.early.store(batch, Ordering::Release);
         let done = commit(db, &mut ops, announce, durable, finish);
         progress.settled.send_replace(batch);
@@ -521,8 +533,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = fresh(&dir);
         let (ops, rx) = mpsc::channel(16);
+        let syncs = Syncs::every_commit(CLAIM_SYNC).unwrap();
         let thread = std::thread::spawn(move || {
-            run(&db, rx, &Wakers::default(), &Progress::default(), failing, None)
+            run(&db, rx, &Wakers::default(), &Progress::default(), failing, &syncs)
         });
         test(&ops);
         drop(ops);
@@ -605,8 +618,9 @@ mod tests {
         let progress = Arc::new(Progress::default());
         let (ops, rx) = mpsc::channel(16);
         let shared = progress.clone();
+        let syncs = Syncs::every_commit(CLAIM_SYNC).unwrap();
         let thread =
-            std::thread::spawn(move || run(&db, rx, &Wakers::default(), &shared, dies, None));
+            std::thread::spawn(move || run(&db, rx, &Wakers::default(), &shared, dies, &syncs));
         pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
         assert!(thread.join().is_err(), "the writer panicked");
         assert!(progress.early.load(Ordering::Acquire) > 0, "the answer was early");
@@ -616,20 +630,39 @@ mod tests {
         assert!(waited.is_ok(), "a reader would wait forever");
     }
 
-    /// A writer thread with `lazy` syncs on a fresh database in `dir`.
-    fn lazy_writer(
+    /// A writer thread syncing as `syncs` says on a fresh database in `dir`.
+    fn writer(
         dir: &tempfile::TempDir,
-        within: Duration,
+        syncs: Syncs,
     ) -> (mpsc::Sender<Box<dyn Op>>, Arc<Progress>, JoinHandle<()>) {
         let db = fresh(dir);
-        let lazy = Lazy::new(within).unwrap();
         let progress = Arc::new(Progress::default());
         let (ops, rx) = mpsc::channel(16);
         let shared = progress.clone();
         let thread = std::thread::spawn(move || {
-            run(&db, rx, &Wakers::default(), &shared, commit_txn, Some(&lazy))
+            run(&db, rx, &Wakers::default(), &shared, commit_txn, &syncs)
         });
         (ops, progress, thread)
+    }
+
+    /// A writer thread answering every commit before its sync, which comes at most `within`
+    /// after the oldest commit not yet synced.
+    fn lazy_writer(
+        dir: &tempfile::TempDir,
+        within: Duration,
+    ) -> (mpsc::Sender<Box<dyn Op>>, Arc<Progress>, JoinHandle<()>) {
+        writer(dir, Syncs::lazy(within).unwrap())
+    }
+
+    /// Waits (at most 10 s, so that a missing sync fails instead of hanging) until every batch
+    /// committed so far is synced; answers whether it came.
+    fn synced_in_time(progress: &Progress) -> bool {
+        let written = *progress.settled.borrow();
+        let mut synced = progress.synced.subscribe();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let ten_s = Duration::from_secs(10);
+        let wait = async { tokio::time::timeout(ten_s, synced.wait_for(|s| *s >= written)).await };
+        rt.block_on(wait).is_ok()
     }
 
     /// Whether queue `q` is paused in a copy of the database file as the disk holds it now,
@@ -670,13 +703,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ops, progress, thread) = lazy_writer(&dir, Duration::from_millis(20));
         pause(&ops, "a", false).blocking_recv().unwrap().unwrap();
-        let written = *progress.settled.borrow();
-        let mut synced = progress.synced.subscribe();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        // bounded only so that a missing sync fails instead of hanging
-        let ten_s = Duration::from_secs(10);
-        let wait = async { tokio::time::timeout(ten_s, synced.wait_for(|s| *s >= written)).await };
-        assert!(rt.block_on(wait).is_ok(), "no sync followed the commit");
+        assert!(synced_in_time(&progress), "no sync followed the commit");
+        assert!(paused_after_a_crash(&dir, "a"));
+        drop(ops);
+        thread.join().unwrap();
+    }
+
+    /// Waits until the commit after an early answer has ended.
+    fn caught_up(progress: &Progress) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(progress.caught_up());
+    }
+
+    #[test]
+    fn a_batch_of_claims_alone_is_synced_by_the_next_answered_commit_not_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        // a claim window no test outlasts
+        let syncs = Syncs::every_commit(Duration::from_secs(3600)).unwrap();
+        let (ops, progress, thread) = writer(&dir, syncs);
+        pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
+        caught_up(&progress);
+        assert!(!paused_after_a_crash(&dir, "a"), "an early answer's commit waits for its sync");
+        pause(&ops, "b", false).blocking_recv().unwrap().unwrap();
+        assert!(paused_after_a_crash(&dir, "b"), "a commit answered after it is synced");
+        assert!(paused_after_a_crash(&dir, "a"), "and the early commit before it with it");
+        drop(ops);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_batch_of_claims_alone_is_synced_within_its_window_without_another_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = Syncs::every_commit(Duration::from_millis(20)).unwrap();
+        let (ops, progress, thread) = writer(&dir, syncs);
+        pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
+        caught_up(&progress);
+        assert!(synced_in_time(&progress), "no sync followed the early answer's commit");
         assert!(paused_after_a_crash(&dir, "a"));
         drop(ops);
         thread.join().unwrap();
@@ -691,10 +753,10 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let db = fresh(&dir);
-        let lazy = Lazy::new(Duration::from_secs(3600)).unwrap();
+        let syncs = Syncs::lazy(Duration::from_secs(3600)).unwrap();
         let (ops, rx) = mpsc::channel(16);
         let thread = std::thread::spawn(move || {
-            run(&db, rx, &Wakers::default(), &Progress::default(), first_only, Some(&lazy))
+            run(&db, rx, &Wakers::default(), &Progress::default(), first_only, &syncs)
         });
         pause(&ops, "a", false).blocking_recv().unwrap().unwrap();
         let failed = text(&pause(&ops, "b", false).blocking_recv().unwrap().unwrap_err());
