@@ -698,15 +698,22 @@ mod tests {
         assert_eq!(*progress.synced.borrow(), 3, "each of the three batches counted as synced");
     }
 
-    #[test]
-    fn lazy_commits_are_synced_within_the_window_without_another_write() {
+    /// Writes once (answered early or not) with `syncs` and no other write after it: the
+    /// commit reaches the disk by the window's timer.
+    fn synced_by_the_timer(syncs: Syncs, early: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let (ops, progress, thread) = lazy_writer(&dir, Duration::from_millis(20));
-        pause(&ops, "a", false).blocking_recv().unwrap().unwrap();
+        let (ops, progress, thread) = writer(&dir, syncs);
+        pause(&ops, "a", early).blocking_recv().unwrap().unwrap();
+        caught_up(&progress);
         assert!(synced_in_time(&progress), "no sync followed the commit");
         assert!(paused_after_a_crash(&dir, "a"));
         drop(ops);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn lazy_commits_are_synced_within_the_window_without_another_write() {
+        synced_by_the_timer(Syncs::lazy(Duration::from_millis(20)).unwrap(), false);
     }
 
     /// Waits until the commit after an early answer has ended.
@@ -733,15 +740,7 @@ mod tests {
 
     #[test]
     fn a_batch_of_claims_alone_is_synced_within_its_window_without_another_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let syncs = Syncs::every_commit(Duration::from_millis(20)).unwrap();
-        let (ops, progress, thread) = writer(&dir, syncs);
-        pause(&ops, "a", true).blocking_recv().unwrap().unwrap();
-        caught_up(&progress);
-        assert!(synced_in_time(&progress), "no sync followed the early answer's commit");
-        assert!(paused_after_a_crash(&dir, "a"));
-        drop(ops);
-        thread.join().unwrap();
+        synced_by_the_timer(Syncs::every_commit(Duration::from_millis(20)).unwrap(), true);
     }
 
     #[test]
