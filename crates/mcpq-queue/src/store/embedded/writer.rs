@@ -743,28 +743,50 @@ mod tests {
         synced_by_the_timer(Syncs::every_commit(Duration::from_millis(20)).unwrap(), true);
     }
 
-    #[test]
-    fn a_failed_commit_after_unsynced_answers_stops_the_lazy_writer() {
-        static COMMITS: AtomicU64 = AtomicU64::new(0);
-        // the first commit goes through, every later one fails
-        fn first_only(txn: WriteTransaction) -> Result<()> {
-            if COMMITS.fetch_add(1, Ordering::SeqCst) == 0 { commit_txn(txn) } else { failing(txn) }
-        }
+    /// With `syncs`, a first write (answered early or not) whose commit goes through unsynced,
+    /// then a write whose commit fails (`first_only` lets only the first through, counting in
+    /// `commits`): the failure stops the writer, and no sync is tried after.
+    fn a_failed_commit_after_an_unsynced_one_stops_the_writer(
+        syncs: Syncs,
+        early: bool,
+        first_only: fn(WriteTransaction) -> Result<()>,
+        commits: &AtomicU64,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let db = fresh(&dir);
-        let syncs = Syncs::lazy(Duration::from_secs(3600)).unwrap();
         let (ops, rx) = mpsc::channel(16);
         let thread = std::thread::spawn(move || {
             run(&db, rx, &Wakers::default(), &Progress::default(), first_only, &syncs)
         });
-        pause(&ops, "a", false).blocking_recv().unwrap().unwrap();
+        pause(&ops, "a", early).blocking_recv().unwrap().unwrap();
         let failed = text(&pause(&ops, "b", false).blocking_recv().unwrap().unwrap_err());
         assert!(failed.contains("the disk said no") && !failed.contains("stopped"), "{failed}");
         let later = text(&pause(&ops, "c", false).blocking_recv().unwrap().unwrap_err());
         assert!(later.contains("stopped after a failed commit"), "{later}");
         drop(ops);
         thread.join().unwrap();
-        assert_eq!(COMMITS.load(Ordering::SeqCst), 2, "no sync tried once stopped");
+        assert_eq!(commits.load(Ordering::SeqCst), 2, "no sync tried once stopped");
+    }
+
+    #[test]
+    fn a_failed_commit_after_unsynced_answers_stops_the_lazy_writer() {
+        static COMMITS: AtomicU64 = AtomicU64::new(0);
+        fn first_only(txn: WriteTransaction) -> Result<()> {
+            if COMMITS.fetch_add(1, Ordering::SeqCst) == 0 { commit_txn(txn) } else { failing(txn) }
+        }
+        let syncs = Syncs::lazy(Duration::from_secs(3600)).unwrap();
+        a_failed_commit_after_an_unsynced_one_stops_the_writer(syncs, false, first_only, &COMMITS);
+    }
+
+    #[test]
+    fn a_failed_commit_after_an_unsynced_batch_of_claims_stops_the_writer() {
+        static COMMITS: AtomicU64 = AtomicU64::new(0);
+        fn first_only(txn: WriteTransaction) -> Result<()> {
+            if COMMITS.fetch_add(1, Ordering::SeqCst) == 0 { commit_txn(txn) } else { failing(txn) }
+        }
+        // the claim's commit is still unsynced when the next one fails
+        let syncs = Syncs::every_commit(Duration::from_secs(3600)).unwrap();
+        a_failed_commit_after_an_unsynced_one_stops_the_writer(syncs, true, first_only, &COMMITS);
     }
 
     #[test]
