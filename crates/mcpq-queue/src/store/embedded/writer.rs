@@ -743,20 +743,26 @@ mod tests {
         synced_by_the_timer(Syncs::every_commit(Duration::from_millis(20)).unwrap(), true);
     }
 
+    /// Commits counted per test, for [`first_only`].
+    static COMMITS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+    /// Lets the first commit through and fails every later one, counting in `COMMITS[I]`.
+    fn first_only<const I: usize>(txn: WriteTransaction) -> Result<()> {
+        if COMMITS[I].fetch_add(1, Ordering::SeqCst) == 0 { commit_txn(txn) } else { failing(txn) }
+    }
+
     /// With `syncs`, a first write (answered early or not) whose commit goes through unsynced,
-    /// then a write whose commit fails (`first_only` lets only the first through, counting in
-    /// `commits`): the failure stops the writer, and no sync is tried after.
-    fn a_failed_commit_after_an_unsynced_one_stops_the_writer(
+    /// then a write whose commit fails (test `I`'s commits let only the first through): the
+    /// failure stops the writer, and no sync is tried after.
+    fn a_failed_commit_after_an_unsynced_one_stops_the_writer<const I: usize>(
         syncs: Syncs,
         early: bool,
-        first_only: fn(WriteTransaction) -> Result<()>,
-        commits: &AtomicU64,
     ) {
         let dir = tempfile::tempdir().unwrap();
         let db = fresh(&dir);
         let (ops, rx) = mpsc::channel(16);
         let thread = std::thread::spawn(move || {
-            run(&db, rx, &Wakers::default(), &Progress::default(), first_only, &syncs)
+            run(&db, rx, &Wakers::default(), &Progress::default(), first_only::<I>, &syncs)
         });
         pause(&ops, "a", early).blocking_recv().unwrap().unwrap();
         let failed = text(&pause(&ops, "b", false).blocking_recv().unwrap().unwrap_err());
@@ -765,28 +771,20 @@ mod tests {
         assert!(later.contains("stopped after a failed commit"), "{later}");
         drop(ops);
         thread.join().unwrap();
-        assert_eq!(commits.load(Ordering::SeqCst), 2, "no sync tried once stopped");
+        assert_eq!(COMMITS[I].load(Ordering::SeqCst), 2, "no sync tried once stopped");
     }
 
     #[test]
     fn a_failed_commit_after_unsynced_answers_stops_the_lazy_writer() {
-        static COMMITS: AtomicU64 = AtomicU64::new(0);
-        fn first_only(txn: WriteTransaction) -> Result<()> {
-            if COMMITS.fetch_add(1, Ordering::SeqCst) == 0 { commit_txn(txn) } else { failing(txn) }
-        }
         let syncs = Syncs::lazy(Duration::from_secs(3600)).unwrap();
-        a_failed_commit_after_an_unsynced_one_stops_the_writer(syncs, false, first_only, &COMMITS);
+        a_failed_commit_after_an_unsynced_one_stops_the_writer::<0>(syncs, false);
     }
 
     #[test]
     fn a_failed_commit_after_an_unsynced_batch_of_claims_stops_the_writer() {
-        static COMMITS: AtomicU64 = AtomicU64::new(0);
-        fn first_only(txn: WriteTransaction) -> Result<()> {
-            if COMMITS.fetch_add(1, Ordering::SeqCst) == 0 { commit_txn(txn) } else { failing(txn) }
-        }
         // the claim's commit is still unsynced when the next one fails
         let syncs = Syncs::every_commit(Duration::from_secs(3600)).unwrap();
-        a_failed_commit_after_an_unsynced_one_stops_the_writer(syncs, true, first_only, &COMMITS);
+        a_failed_commit_after_an_unsynced_one_stops_the_writer::<1>(syncs, true);
     }
 
     #[test]
