@@ -1,7 +1,8 @@
 //! The single writer: one thread owns every write transaction. Callers send operations over a
-//! channel; the thread takes whatever is queued (up to [`MAX_OPS`]), applies all of it in one
-//! transaction with a durable commit, and only then answers each caller, so an acknowledged
-//! operation survives a crash while the cost of the sync is shared by the whole batch.
+//! channel; the thread takes whatever is queued (up to [`MAX_OPS`]) and applies all of it in one
+//! transaction, along with whatever comes while it does, then commits it durably and only then
+//! answers each caller, so an acknowledged operation survives a crash while the cost of the sync
+//! is shared by the whole batch.
 //!
 //! A claim is answered as soon as its batch has been applied, before the commit: what it
 //! changes (a task running under a new token) needs no sync to be safe, because a claim lost to
@@ -385,15 +386,17 @@ fn run(
             continue;
         }
         batch += 1;
-        let durable = ops.iter().any(|op| op.when() >= syncs.before)
-            || unsynced.is_some_and(|since| since.elapsed() >= syncs.within);
+        let durable = |ops: &[Box<dyn Op>]| {
+            ops.iter().any(|op| op.when() >= syncs.before)
+                || unsynced.is_some_and(|since| since.elapsed() >= syncs.within)
+        };
         let announce = || progress.early.store(batch, Ordering::Release);
-        let done = commit(db, &mut ops, announce, durable, finish);
+        let done = commit(db, &mut ops, || rx.try_recv().ok(), durable, announce, finish);
         progress.settled.send_replace(batch);
         // whether this batch answered early with writes
         let early = progress.early.load(Ordering::Relaxed) == batch;
         match done {
-            Ok(Committed { woken, wrote }) => {
+            Ok(Committed { woken, wrote, durable }) => {
                 if durable {
                     unsynced = None;
                     progress.synced.send_replace(batch);
@@ -456,41 +459,65 @@ fn sync_empty(db: &Database, finish: fn(WriteTransaction) -> Result<()>) -> Resu
     finish(txn)
 }
 
-/// What a batch's commit did: the queues with new events, and whether it wrote anything.
+/// What a batch's commit did: the queues with new events, whether it wrote anything, and
+/// whether it was synced.
 struct Committed {
     woken: Vec<QueueName>,
     wrote: bool,
+    durable: bool,
 }
 
-/// Applies `ops` in one transaction, synced when `durable`. An operation that fails after
-/// writing is answered at once and taken out, and the batch is redone. Early operations are
-/// answered between the last pass and the commit, after `announce` when any of them wrote.
+/// Applies `ops` in one transaction, then the operations that came (`more`) while it was
+/// applying them, and commits it, synced when `durable` says so of all of them. An operation
+/// that fails after writing is answered at once and taken out, and the batch is redone. Early
+/// operations are answered between the last pass and the commit, after `announce` when any of
+/// them wrote.
+///
+/// Operations that come while a batch is applied join it rather than wait for its commit to
+/// start a batch of their own: they are answered sooner, and a round of the WorkQueue (its
+/// writes, then its claim) usually makes one commit rather than two.
 fn commit(
     db: &Database,
     ops: &mut Vec<Box<dyn Op>>,
+    mut more: impl FnMut() -> Option<Box<dyn Op>>,
+    durable: impl Fn(&[Box<dyn Op>]) -> bool,
     announce: impl FnOnce(),
-    durable: bool,
     finish: fn(WriteTransaction) -> Result<()>,
 ) -> Result<Committed> {
-    let durability = if durable { Durability::Immediate } else { Durability::None };
-    // each pass either commits or takes one operation out
-    for _ in 0..=ops.len() {
+    // each pass either commits or takes one operation out; only the first takes more in
+    for pass in 0..=MAX_OPS {
         let mut txn = db.begin_write().map_err(storage)?;
-        txn.set_durability(durability).map_err(storage)?;
         let mut tx = Tx::open(&txn)?;
         let mut broken = None;
         let (mut wrote, mut wrote_early) = (false, false);
-        for (i, op) in ops.iter_mut().enumerate() {
-            tx.begin_op();
-            if let Err(e) = op.apply(&mut tx) {
-                if tx.dirty() {
-                    broken = Some((i, e));
-                    break;
+        let mut i = 0;
+        loop {
+            while i < ops.len() {
+                let op = &mut ops[i];
+                tx.begin_op();
+                if let Err(e) = op.apply(&mut tx) {
+                    if tx.dirty() {
+                        broken = Some((i, e));
+                        break;
+                    }
+                    op.refuse(e);
                 }
-                op.refuse(e);
+                wrote |= tx.dirty();
+                wrote_early |= op.when() == When::Applied && tx.dirty();
+                i += 1;
             }
-            wrote |= tx.dirty();
-            wrote_early |= op.when() == When::Applied && tx.dirty();
+            if broken.is_some() || pass > 0 {
+                break;
+            }
+            let before = ops.len();
+            while ops.len() < MAX_OPS
+                && let Some(op) = more()
+            {
+                ops.push(op);
+            }
+            if ops.len() == before {
+                break;
+            }
         }
         if let Some((i, e)) = broken {
             drop(tx);
@@ -502,6 +529,9 @@ fn commit(
             continue;
         }
         let woken = tx.finish()?;
+        let durable = durable(ops);
+        let durability = if durable { Durability::Immediate } else { Durability::None };
+        txn.set_durability(durability).map_err(storage)?;
         if wrote_early {
             announce();
         }
@@ -509,7 +539,7 @@ fn commit(
             op.answer(None);
         }
         finish(txn)?;
-        return Ok(Committed { woken, wrote });
+        return Ok(Committed { woken, wrote, durable });
     }
     Err(Error::Corrupt("a batch kept failing halfway".into()))
 }
@@ -741,6 +771,41 @@ mod tests {
     #[test]
     fn a_batch_of_claims_alone_is_synced_within_its_window_without_another_write() {
         synced_by_the_timer(Syncs::every_commit(Duration::from_millis(20)).unwrap(), true);
+    }
+
+    #[test]
+    fn an_operation_that_comes_while_a_batch_is_applied_joins_its_commit_and_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        // a claim window no test outlasts: only an answered operation syncs the batch
+        let syncs = Syncs::every_commit(Duration::from_secs(3600)).unwrap();
+        let (ops, progress, thread) = writer(&dir, syncs);
+        // sent by the claim-like early operation while it is applied, as a round's claim
+        // comes while its writes are applied
+        let (reply, joined) = oneshot::channel();
+        let b = QueueName::new("b").unwrap();
+        let pause_b = move |tx: &mut Tx<'_>| tx.set_paused(&b, true);
+        let mut late: Option<Box<dyn Op>> = Some(Box::new(Pending {
+            run: pause_b,
+            answer: None,
+            reply: Some(reply),
+            when: When::Committed,
+        }));
+        let sender = ops.clone();
+        let a = QueueName::new("a").unwrap();
+        let early = move |tx: &mut Tx<'_>| {
+            if let Some(op) = late.take() {
+                sender.try_send(op).map_err(|_| Error::Corrupt("channel full".into()))?;
+            }
+            tx.set_paused(&a, true)
+        };
+        submit(&ops, early, When::Applied).blocking_recv().unwrap().unwrap();
+        joined.blocking_recv().unwrap().unwrap();
+        assert_eq!(*progress.settled.borrow(), 1, "both in one batch");
+        assert_eq!(*progress.synced.borrow(), 1, "synced for the operation that joined");
+        assert!(paused_after_a_crash(&dir, "b"), "the one that joined is on disk");
+        assert!(paused_after_a_crash(&dir, "a"), "with the early one");
+        drop(ops);
+        thread.join().unwrap();
     }
 
     /// Commits counted per test, for [`first_only`].
