@@ -9,7 +9,8 @@ use anyhow::{Result, bail};
 use mcpq_fleet::{DispatchConfig, Fleet, FleetConfig, Health, HealthConfig, Part};
 use mcpq_mcp::ServerConfig;
 use mcpq_queue::{
-    Backoff, EventKind, NewTask, QueueConfig, QueueName, RedisStore, Store, TaskId, TaskState,
+    Backoff, EmbeddedStore, EventKind, NewTask, QueueConfig, QueueName, RedisStore, Store, TaskId,
+    TaskState,
 };
 use mcpq_tests::fleet::{Node, Report, account, settle};
 use mcpq_tests::mcp::{Execution, McpServer, Mode};
@@ -711,5 +712,51 @@ async fn a_hung_server_goes_offline_and_its_calls_move_before_any_timeout() -> R
     // a's rate limit: 20 a second with a burst of 20, so 60 tasks take at least 2 s
     assert!(took >= Duration::from_millis(1900), "rate limit held: {took:?}");
     fleet.shutdown().await?;
+    Ok(())
+}
+
+/// On the embedded store an idle fleet's claims wait in the store, which hands each one what
+/// an enqueue brings before that enqueue's sync. Neither a WorkQueue that crashes while its
+/// claim waits nor a shutdown leaves a waiting claim behind to take tasks nobody runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_fleet_s_waiting_claims_lose_nothing_to_a_crash_or_a_shutdown() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = EmbeddedStore::open_path(dir.path().join("data"))?;
+    let q = QueueName::default();
+    let a = McpServer::start(Mode::Stateless).await?;
+    let cfg = fleet_config(vec![server("a", &a, 8)], health(), 10_000);
+    let fleet = Fleet::start(store.clone(), cfg).await?;
+    let mut ids: Vec<TaskId> = Vec::new();
+    let burst = async |ids: &mut Vec<TaskId>| -> Result<()> {
+        // not idempotent: a task taken for a WorkQueue that is gone must not run twice
+        let tasks: Vec<NewTask> = (0..20).map(|_| slow(1, false)).collect();
+        ids.extend(store.enqueue(&q, &tasks).await?.into_iter().map(|e| e.id()));
+        let n = ids.len() as u64;
+        eventually(Duration::from_secs(10), "the burst ran", || async {
+            Ok((store.stats(&q).await?.succeeded >= n).then_some(()))
+        })
+        .await
+    };
+    for _ in 0..3 {
+        burst(&mut ids).await?;
+    }
+    for _ in 0..2 {
+        let before = fleet.stats().restarts;
+        fleet.inject_crash(Part::WorkQueue);
+        eventually(Duration::from_secs(10), "the WorkQueue restarted", || async {
+            Ok((fleet.stats().restarts > before).then_some(()))
+        })
+        .await?;
+        burst(&mut ids).await?;
+    }
+    let r = settle(&store, &q, &ids, Duration::from_secs(30), || executions_of(&[&a])).await?;
+    assert_accounted(&r, &HashSet::new());
+    assert_eq!(r.count(TaskState::Succeeded), ids.len(), "none waited for a lease to run out");
+    assert!(r.duplicated.is_empty(), "{}", r.summary());
+    tokio::time::timeout(Duration::from_secs(10), fleet.shutdown()).await??;
+    // a claim still waiting would take it in the step that enqueues it
+    let after = store.enqueue(&q, &[slow(1, false)]).await?[0].id();
+    let state = store.get(&q, after).await?.map(|t| t.state);
+    assert_eq!(state, Some(TaskState::Queued), "a claim outlived its fleet");
     Ok(())
 }

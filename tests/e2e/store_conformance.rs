@@ -105,6 +105,7 @@ conformance!(
     idempotency_keys_deduplicate_and_detect_conflicts,
     batch_claim_takes_each_task_once,
     pause_stops_claims_until_resume,
+    a_waiting_claim_takes_what_is_ready_and_waits_only_in_a_store_that_can,
     retention_trims_finished_tasks_by_count_and_age,
     events_record_each_transition_in_order_and_resume_from_an_id,
     subscribe_streams_events_and_resumes,
@@ -610,6 +611,69 @@ async fn pause_stops_claims_until_resume<B: Backend>() -> Result<()> {
     s.set_paused(&q(), false).await?;
     assert!(!s.stats(&q()).await?.paused);
     assert_eq!(s.claim(&q(), 10, HOUR).await?.len(), 1);
+    Ok(())
+}
+
+/// A claim that waits up to `wait`, or until `cancel` fires; bounded by [`LIMIT`].
+async fn claim_waiting<S: Store>(
+    s: &S,
+    max: usize,
+    wait: Duration,
+    cancel: impl std::future::Future<Output = ()> + Send,
+) -> Result<Vec<Claimed>> {
+    let queue = q();
+    let claim = s.claim_waiting(&queue, max, HOUR, wait, cancel);
+    Ok(tokio::time::timeout(LIMIT, claim).await??)
+}
+
+async fn a_waiting_claim_takes_what_is_ready_and_waits_only_in_a_store_that_can<B: Backend>()
+-> Result<()> {
+    let h = B::open(&[]).await?;
+    let s = &h.store;
+    let never = std::future::pending::<()>;
+    let ids = enqueue(s, &[tool(1), tool(2)]).await?;
+    let first = claim_waiting(s, 1, HOUR, never()).await?;
+    assert_eq!(first.iter().map(|c| c.task.id).collect::<Vec<_>>(), ids[..1], "at once, in order");
+    assert_eq!(claim_one(s, HOUR).await?.task.id, ids[1]);
+    if !s.waits_for_claims() {
+        assert!(claim_waiting(s, 1, HOUR, never()).await?.is_empty(), "answered as claim does");
+        return Ok(());
+    }
+    // an empty queue: the claim waits for what the next enqueue brings, all of it up to max
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { claim_waiting(&s, 5, HOUR, never()).await }
+    });
+    let brought = enqueue(s, &[tool(3), tool(4)]).await?;
+    let took = waiting.await??;
+    assert_eq!(took.iter().map(|c| c.task.id).collect::<Vec<_>>(), brought);
+    for c in &took {
+        assert_eq!(state(s, c.task.id).await?, TaskState::Running);
+        s.complete(&q(), &[done(c)]).await?;
+    }
+    // nothing comes in time: answered with nothing
+    assert!(claim_waiting(s, 1, Duration::from_millis(20), never()).await?.is_empty());
+    // a paused queue: tasks that come wait for the resume, which the claim takes them with
+    s.set_paused(&q(), true).await?;
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { claim_waiting(&s, 5, HOUR, never()).await }
+    });
+    let paused = enqueue(s, &[tool(5)]).await?;
+    s.set_paused(&q(), false).await?;
+    assert_eq!(waiting.await??.iter().map(|c| c.task.id).collect::<Vec<_>>(), paused);
+    // cancelled: answered at once, and what comes after stays queued
+    let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { claim_waiting(&s, 5, HOUR, async move { drop(cancelled.await) }).await }
+    });
+    drop(cancel);
+    assert!(waiting.await??.is_empty());
+    let later = enqueue(s, &[tool(6)]).await?;
+    assert_eq!(state(s, later[0]).await?, TaskState::Queued);
+    // the first two and the paused one, none taken by the cancelled claim
+    assert_eq!(s.stats(&q()).await?.running, 3);
     Ok(())
 }
 

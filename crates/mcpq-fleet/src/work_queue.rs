@@ -4,9 +4,11 @@
 //! complete or fail; not delivered → released at once (that server avoided next time);
 //! ambiguous → retried with backoff when repeating is safe, else parked in review. It renews its
 //! leases every third of a lease, queues due tasks and takes back expired leases (any replica
-//! does), and wakes on completions, on a doorbell that watches the queue's event stream while
-//! idle, and on a slow poll. All its facts live in the shared ledger, so a restarted WorkQueue
-//! carries on where the crashed one stopped.
+//! does), and wakes on completions, on a slow poll, and when a queue it found short has work
+//! again: a store that can ([`Store::waits_for_claims`], the embedded one) keeps a claim
+//! waiting for that queue's tasks and hands them over in the step that makes them ready, before
+//! its sync; on another, a doorbell watches the queue's event stream. All its facts live in the
+//! shared ledger, so a restarted WorkQueue carries on where the crashed one stopped.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -23,7 +25,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::client_actor::{Caller, MAX_RETRY_AFTER};
@@ -69,7 +71,7 @@ struct Draining {
     report: DrainReport,
 }
 
-pub(crate) struct WorkQueueState<S> {
+pub(crate) struct WorkQueueState<S: Store> {
     store: S,
     shared: Arc<Shared>,
     queues: Vec<QueueName>,
@@ -80,7 +82,13 @@ pub(crate) struct WorkQueueState<S> {
     /// Tasks servers refused undelivered: the last such server (tried elsewhere first), when,
     /// and how many refusals in a row.
     avoid: HashMap<TaskId, (Arc<str>, Instant, u32)>,
+    /// Per queue, with a store that cannot wait for claims: the doorbell to arm when a claim
+    /// comes up short.
     bells: Vec<Arc<Notify>>,
+    /// Per queue, with a store that can: what cancels the claim waiting for its tasks, while
+    /// one waits.
+    waiters: Vec<Option<Arc<Notify>>>,
+    arrivals: Arrivals<S>,
     draining: Option<Draining>,
     /// Drained: never claims again.
     stopped: bool,
@@ -156,7 +164,9 @@ impl<S: Store> Actor for WorkQueue<S> {
                 .send_interval(Duration::from_millis(cfg.reap_interval_ms), || WorkQueueMsg::Sweep),
         ];
         let mut bells = Vec::new();
-        for q in &args.queues {
+        // a store that waits for claims needs no doorbell: a claim waits in it instead
+        let watched = if args.store.waits_for_claims() { &[][..] } else { &args.queues[..] };
+        for q in watched {
             let bell = Arc::new(Notify::new());
             tasks.push(tokio::spawn(doorbell(
                 args.store.clone(),
@@ -167,6 +177,8 @@ impl<S: Store> Actor for WorkQueue<S> {
             )));
             bells.push(bell);
         }
+        let n_queues = args.queues.len();
+        let arrivals = Arrivals::new(args.store.clone(), args.queues.clone());
         args.shared.set_work_queue(Some(myself.clone()));
         // a predecessor may have crashed with a wake-up in its mailbox
         args.shared.pumped();
@@ -183,6 +195,8 @@ impl<S: Store> Actor for WorkQueue<S> {
             next_queue: 0,
             avoid: HashMap::new(),
             bells,
+            waiters: vec![None; n_queues],
+            arrivals,
             draining: None,
             stopped: false,
             sweeps: 0,
@@ -199,6 +213,7 @@ impl<S: Store> Actor for WorkQueue<S> {
         for t in &st.tasks {
             t.abort();
         }
+        st.cancel_waits();
         Ok(())
     }
 
@@ -216,6 +231,7 @@ impl<S: Store> Actor for WorkQueue<S> {
                 let n = st.shared.ledger().abandon_parked("shutting down");
                 tracing::info!(node = %st.shared.node, parked = n, "draining");
                 st.draining = Some(Draining { reply, report: DrainReport::default() });
+                st.cancel_waits();
                 let wait = Duration::from_millis(st.cfg.drain_timeout_ms);
                 myself.send_after(wait, || WorkQueueMsg::DrainDeadline);
                 st.pump(&myself).await;
@@ -296,6 +312,67 @@ async fn doorbell<S: Store>(
         if wq.send_message(WorkQueueMsg::Pump).is_err() {
             return;
         }
+    }
+}
+
+/// What a claim that waited in the store answered, for the queue of that index.
+type Arrival = (usize, mcpq_queue::Result<Vec<Claimed>>);
+
+/// The answers of claims that waited in the store: read by the WorkQueue when a round starts
+/// and while a round waits for its writes. What is left unread when it goes (a crash
+/// included) is handed back, and a claim that answers after that hands back what it took.
+struct Arrivals<S: Store> {
+    tx: mpsc::UnboundedSender<Arrival>,
+    rx: mpsc::UnboundedReceiver<Arrival>,
+    store: S,
+    queues: Vec<QueueName>,
+}
+
+impl<S: Store> Arrivals<S> {
+    fn new(store: S, queues: Vec<QueueName>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self { tx, rx, store, queues }
+    }
+}
+
+impl<S: Store> Drop for Arrivals<S> {
+    fn drop(&mut self) {
+        // closed first: an answer sent after this fails, and its sender hands back
+        self.rx.close();
+        while let Ok((i, got)) = self.rx.try_recv() {
+            let Ok(tasks) = got else { continue };
+            let (store, queue) = (self.store.clone(), self.queues[i].clone());
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(async move { hand_back(&store, &queue, tasks).await })),
+                Err(_) => tracing::warn!(queue = %queue, tasks = tasks.len(),
+                    "tasks claimed for a stopped WorkQueue run again when their lease runs out"),
+            }
+        }
+    }
+}
+
+/// How long a claim waits in the store for tasks before it answers that none came (a round
+/// then sets another waiting, if its queue is still empty).
+const WAIT: Duration = Duration::from_secs(1);
+
+/// Hands back tasks a waiting claim took for a WorkQueue that is gone, without spending an
+/// attempt, so they run at once elsewhere rather than when their lease runs out.
+async fn hand_back<S: Store>(store: &S, queue: &QueueName, tasks: Vec<Claimed>) {
+    if tasks.is_empty() {
+        return;
+    }
+    let items: Vec<Release> = tasks
+        .iter()
+        .map(|c| Release {
+            id: c.task.id,
+            token: c.token,
+            delay: Duration::ZERO,
+            reason: "claimed for a WorkQueue that had stopped".to_owned(),
+        })
+        .collect();
+    if let Err(e) = store.release(queue, &items).await {
+        tracing::warn!(queue = %queue, tasks = items.len(), error = %e,
+            "could not hand back tasks claimed for a stopped WorkQueue; they run again when their lease runs out");
     }
 }
 
@@ -516,10 +593,14 @@ impl<S: Store> WorkQueueState<S> {
     /// batch's writes wait for.
     async fn pump(&mut self, myself: &ActorRef<WorkQueueMsg>) {
         self.shared.pumped();
-        let writes = self.decide_done();
         let stopping = self.draining.is_some() || self.stopped;
+        let mut settled_here = false;
+        while let Ok(a) = self.arrivals.rx.try_recv() {
+            settled_here |= self.arrived(a);
+        }
+        let writes = self.decide_done();
         // tasks parked for a busy server go to the slots that freed before any waiting
-        let mut settled_here = !stopping && self.place();
+        settled_here |= !stopping && self.place();
         let credits = if stopping { 0 } else { self.credits() };
         let mut writes = std::pin::pin!(write_all(self.store.clone(), writes));
         let mut recorded = None;
@@ -542,15 +623,27 @@ impl<S: Store> WorkQueueState<S> {
             self.next_queue = self.next_queue.wrapping_add(1);
             settled_here |= self.place();
         }
+        // what claims waiting in the store take meanwhile is placed at once, not after the
+        // writes' sync
         let recorded = match recorded {
             Some(r) => r,
-            None => writes.await,
+            None => loop {
+                tokio::select! {
+                    biased;
+                    r = &mut writes => break r,
+                    Some(a) = self.arrivals.rx.recv() => {
+                        settled_here |= self.arrived(a);
+                        settled_here |= !stopping && self.place();
+                    }
+                }
+            },
         };
         for w in recorded {
             self.recorded(w);
         }
         if stopping {
             if self.shared.ledger().len() == 0
+                && self.waiters.iter().all(Option::is_none)
                 && let Some(mut d) = self.draining.take()
             {
                 self.stopped = true;
@@ -569,8 +662,9 @@ impl<S: Store> WorkQueueState<S> {
     }
 
     /// Claims up to `credits` tasks, visiting the queues in turn; answers the claims per queue
-    /// index, and whether a queue had more than was asked of it.
-    async fn claim_for(&self, mut credits: usize) -> (Vec<(usize, Vec<Claimed>)>, bool) {
+    /// index, and whether a queue had more than was asked of it. A queue that had less is
+    /// watched: a claim waits in the store for its tasks, or its doorbell is armed.
+    async fn claim_for(&mut self, mut credits: usize) -> (Vec<(usize, Vec<Claimed>)>, bool) {
         let mut out = Vec::new();
         let mut more = false;
         let n = self.queues.len();
@@ -591,11 +685,66 @@ impl<S: Store> WorkQueueState<S> {
             if claimed.len() == want {
                 more = true;
             } else {
-                self.bells[i].notify_one();
+                self.watch(i, want - claimed.len());
             }
             out.push((i, claimed));
         }
         (out, more)
+    }
+
+    /// Watches queue `i`, whose claim came up `short` tasks short: with a store that waits for
+    /// claims, a claim for them waits there (unless one does already) and its answer arrives
+    /// through [`Arrivals`]; else the queue's doorbell is armed.
+    fn watch(&mut self, i: usize, short: usize) {
+        if !self.store.waits_for_claims() {
+            self.bells[i].notify_one();
+            return;
+        }
+        if self.waiters[i].is_some() || self.draining.is_some() || self.stopped {
+            return;
+        }
+        let cancel = Arc::new(Notify::new());
+        self.waiters[i] = Some(cancel.clone());
+        let (store, queue, shared) =
+            (self.store.clone(), self.queues[i].clone(), self.shared.clone());
+        let (lease, arrivals) = (self.cfg.lease(), self.arrivals.tx.clone());
+        tokio::spawn(async move {
+            let got = store.claim_waiting(&queue, short, lease, WAIT, cancel.notified()).await;
+            match arrivals.send((i, got)) {
+                Ok(()) => shared.pump(),
+                Err(mpsc::error::SendError((_, Ok(tasks)))) => {
+                    hand_back(&store, &queue, tasks).await;
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
+    /// Cancels the claims waiting for tasks: each answers at once, with what it took.
+    fn cancel_waits(&self) {
+        for cancel in self.waiters.iter().flatten() {
+            cancel.notify_one();
+        }
+    }
+
+    /// Takes in what a claim that waited took: admitted to be placed (or handed back, when
+    /// stopping). Answers whether it finished any (expired ones).
+    fn arrived(&mut self, (i, got): Arrival) -> bool {
+        self.waiters[i] = None;
+        match got {
+            Ok(tasks) if !tasks.is_empty() => {
+                let mut finished = self.admit(&self.queues[i].clone(), tasks);
+                if self.draining.is_some() || self.stopped {
+                    finished |= self.shared.ledger().abandon_parked("shutting down") > 0;
+                }
+                finished
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(queue = %self.queues[i], error = %e, "waiting claim failed");
+                false
+            }
+        }
     }
 
     /// Free slots on servers that take calls, plus the work claimed ahead (`prefetch_ms`), less

@@ -259,6 +259,30 @@ pub trait Store: Clone + Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Vec<Claimed>>> + Send;
 
+    /// Whether [`Store::claim_waiting`] waits for tasks; a caller watches the queue's events
+    /// for a store that does not.
+    fn waits_for_claims(&self) -> bool {
+        false
+    }
+
+    /// Claims as [`Store::claim`] does; when nothing can be claimed, waits up to `wait` for
+    /// tasks to become claimable and claims them in the step that makes them so (before that
+    /// step's sync), answering what it claimed, or nothing once `wait` is over. Once `cancel`
+    /// completes it answers at once, with what it claimed before if anything: cancel through
+    /// it rather than by dropping the future, whose claimed tasks would then run nowhere until
+    /// their lease ran out. A store that does not wait answers as `claim` does.
+    fn claim_waiting(
+        &self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+        cancel: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Result<Vec<Claimed>>> + Send {
+        drop((wait, cancel));
+        self.claim(queue, max, lease)
+    }
+
     /// Extends leases; answers per item whether the token still held the task.
     fn renew(
         &self,

@@ -207,10 +207,30 @@ impl Store for EmbeddedStore {
             .writer
             .write_early(move |tx| ops::claim(tx, &q, &cfg, max, lease_ms))
             .await?;
-        out.tasks
-            .into_iter()
-            .map(|(id, raw)| Claimed::decode(queue, id, &raw, out.deadline_ms))
-            .collect()
+        out.claimed(queue)
+    }
+
+    fn waits_for_claims(&self) -> bool {
+        true
+    }
+
+    async fn claim_waiting(
+        &self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+        cancel: impl Future<Output = ()> + Send,
+    ) -> Result<Vec<Claimed>> {
+        let (q, cfg) = (queue.clone(), self.cfg(queue));
+        let (max, lease_ms) = (max.clamp(1, MAX_BATCH), millis(lease));
+        let claim = move |tx: &mut tables::Tx<'_>| {
+            let out = ops::claim(tx, &q, &cfg, max, lease_ms)?;
+            Ok((!out.tasks.is_empty()).then_some(out))
+        };
+        let until = std::time::Instant::now() + wait.min(MAX_BLOCK);
+        let out = self.inner.writer.write_waiting(queue.clone(), until, claim, cancel).await?;
+        out.claimed(queue)
     }
 
     async fn renew(

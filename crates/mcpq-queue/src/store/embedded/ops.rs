@@ -10,7 +10,7 @@ use crate::config::QueueConfig;
 use crate::error::{Error, Result};
 use crate::event::{EventId, EventKind};
 use crate::record::{Head, Tail};
-use crate::store::{CancelOutcome, Disposition, Enqueued, Settled};
+use crate::store::{CancelOutcome, Claimed, Disposition, Enqueued, Settled};
 use crate::task::{QueueName, TaskId, TaskState};
 
 /// The store's clock: system time in ms.
@@ -42,9 +42,21 @@ pub(super) struct Settle {
 }
 
 /// A claimed batch: the lease deadline and each task's rewritten record.
+#[derive(Default)]
 pub(super) struct ClaimOut {
     pub(super) deadline_ms: u64,
     pub(super) tasks: Vec<(TaskId, Vec<u8>)>,
+}
+
+impl ClaimOut {
+    /// The claimed tasks of `queue`, decoded.
+    pub(super) fn claimed(self, queue: &QueueName) -> Result<Vec<Claimed>> {
+        let deadline_ms = self.deadline_ms;
+        self.tasks
+            .into_iter()
+            .map(|(id, raw)| Claimed::decode(queue, id, &raw, deadline_ms))
+            .collect()
+    }
 }
 
 /// enqueue.lua: stores new tasks as queued (scheduled when delayed) with their events. A task

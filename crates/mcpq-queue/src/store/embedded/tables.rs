@@ -109,6 +109,9 @@ pub(super) struct Tx<'t> {
     /// Count changes per (queue, state) not yet written to `meta`.
     counts: HashMap<(QueueName, TaskState), i64>,
     streams: HashMap<QueueName, Stream>,
+    /// Queues that may have tasks to claim that they had not before: tasks made ready, or
+    /// the queue resumed.
+    readied: Vec<QueueName>,
     dirty: bool,
 }
 
@@ -126,6 +129,7 @@ impl<'t> Tx<'t> {
             events: txn.open_table(EVENTS).map_err(storage)?,
             counts: HashMap::new(),
             streams: HashMap::new(),
+            readied: Vec::new(),
             dirty: false,
         })
     }
@@ -138,6 +142,18 @@ impl<'t> Tx<'t> {
     /// Whether the running operation has written anything.
     pub(super) fn dirty(&self) -> bool {
         self.dirty
+    }
+
+    /// Whether this transaction may have given `queue` tasks to claim: made some ready, or
+    /// resumed it.
+    pub(super) fn readied(&self, queue: &QueueName) -> bool {
+        self.readied.contains(queue)
+    }
+
+    fn ready_in(&mut self, queue: &QueueName) {
+        if !self.readied.contains(queue) {
+            self.readied.push(queue.clone());
+        }
     }
 
     /// The slot and record of a task.
@@ -269,6 +285,7 @@ impl<'t> Tx<'t> {
         let pos = self.ready_edge(qb, level, true)?.map_or(MIDDLE, |last| last.saturating_add(1));
         self.ready.insert((qb, level, pos), key(id)).map_err(storage)?;
         self.count_delta(queue, TaskState::Queued, 1);
+        self.ready_in(queue);
         Ok(pos)
     }
 
@@ -290,6 +307,7 @@ impl<'t> Tx<'t> {
             self.put(queue, *id, pos, raw)?;
         }
         self.count_delta(queue, TaskState::Queued, block.len() as i64);
+        self.ready_in(queue);
         Ok(())
     }
 
@@ -391,6 +409,7 @@ impl<'t> Tx<'t> {
             self.meta.insert((q(queue), PAUSED), 1).map_err(storage)?;
         } else {
             self.meta.remove((q(queue), PAUSED)).map_err(storage)?;
+            self.ready_in(queue);
         }
         Ok(())
     }

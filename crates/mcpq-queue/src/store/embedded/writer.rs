@@ -16,6 +16,13 @@
 //! disk with the next commit an answer waits for, or [`CLAIM_SYNC`] after it at the latest, so
 //! claims cost no sync of their own and do not hold up the syncs behind them.
 //!
+//! A claim may also wait for tasks ([`Writer::write_waiting`]): applied when it comes, it is
+//! kept while it takes nothing and applied again in each transaction that may give its queue
+//! tasks to claim (an enqueue, a release, a resume, …), after that transaction's operations,
+//! so it takes what they bring before their commit and sync and the call can start while the
+//! sync runs. It answers as a claim does, early; or with nothing once its time is over; and a
+//! caller that cancels it gets what it took before the cancel, so nothing it took is lost.
+//!
 //! With `store.sync_ms` set, commits are answered before their sync and synced in the background
 //! at most that long after the oldest one not yet synced (by the next batch, or by an empty
 //! commit when none comes): a crash then loses at most that window of acknowledged writes, the
@@ -115,6 +122,79 @@ where
     }
 }
 
+/// What goes to the writer: an operation, or a claim that waits for tasks.
+pub(super) enum Job {
+    Op(Box<dyn Op>),
+    Wait(Box<dyn Wait>),
+}
+
+/// A claim that waits for tasks ([`Writer::write_waiting`]): applied in the batch it comes
+/// in, then, while it has taken nothing, in each batch that may give its queue tasks to
+/// claim (in the same transaction, so it takes them before that batch's commit and sync),
+/// until its time runs out or its caller stops waiting. What it takes is answered before the
+/// commit, as an early operation's answer is.
+pub(super) trait Wait: Send {
+    /// The queue it waits on.
+    fn queue(&self) -> &QueueName;
+    /// When it answers that it took nothing.
+    fn until(&self) -> Instant;
+    /// Whether its caller stopped waiting: nothing is taken for it any more.
+    fn gone(&self) -> bool;
+    /// Runs it; answers whether it took something (kept for [`Wait::send`]).
+    fn apply(&mut self, tx: &mut Tx<'_>) -> Result<bool>;
+    /// Sends what it took, or `failed` in its place; with neither, answers that it took
+    /// nothing. A second call sends nothing.
+    fn send(&mut self, failed: Option<&Error>);
+}
+
+struct Waiting<T, F> {
+    queue: QueueName,
+    until: Instant,
+    run: F,
+    took: Option<T>,
+    reply: Option<oneshot::Sender<Result<T>>>,
+}
+
+impl<T, F> Wait for Waiting<T, F>
+where
+    T: Default + Send,
+    F: FnMut(&mut Tx<'_>) -> Result<Option<T>> + Send,
+{
+    fn queue(&self) -> &QueueName {
+        &self.queue
+    }
+
+    fn until(&self) -> Instant {
+        self.until
+    }
+
+    fn gone(&self) -> bool {
+        self.reply.as_ref().is_none_or(oneshot::Sender::is_closed)
+    }
+
+    fn apply(&mut self, tx: &mut Tx<'_>) -> Result<bool> {
+        self.took = (self.run)(tx)?;
+        Ok(self.took.is_some())
+    }
+
+    fn send(&mut self, failed: Option<&Error>) {
+        let Some(reply) = self.reply.take() else { return };
+        let answer = match failed {
+            Some(e) => Err(copy(e)),
+            None => Ok(self.took.take().unwrap_or_default()),
+        };
+        // a caller that went away without cancelling leaves what it took running until its
+        // lease runs out, as a claim whose caller is lost does
+        let _ = reply.send(answer);
+    }
+}
+
+/// A waiting claim as the writer keeps it: `fresh` until its first batch is committed.
+struct Parked {
+    wait: Box<dyn Wait>,
+    fresh: bool,
+}
+
 /// The same error again, for every caller of a failed batch.
 fn copy(e: &Error) -> Error {
     match e {
@@ -209,7 +289,7 @@ impl Drop for Ended<'_> {
 /// gone (so the database is closed when the store is dropped).
 pub(super) struct Writer {
     // declared before `thread`: fields drop in order, and the thread ends when this closes
-    ops: mpsc::Sender<Box<dyn Op>>,
+    ops: mpsc::Sender<Job>,
     progress: Arc<Progress>,
     _thread: Joiner,
 }
@@ -261,13 +341,13 @@ impl Syncs {
 
 /// What waiting for the writer's next operation gave.
 enum Next {
-    Op(Box<dyn Op>),
+    Job(Job),
     /// A sync is due first.
     Due,
     Closed,
 }
 
-fn next(rx: &mut mpsc::Receiver<Box<dyn Op>>, syncs: &Syncs, due: Option<Instant>) -> Next {
+fn next(rx: &mut mpsc::Receiver<Job>, syncs: &Syncs, due: Option<Instant>) -> Next {
     let got = match due {
         Some(due) => {
             // the timer needs the clock's context: made inside `block_on`
@@ -279,7 +359,7 @@ fn next(rx: &mut mpsc::Receiver<Box<dyn Op>>, syncs: &Syncs, due: Option<Instant
         }
         None => rx.blocking_recv(),
     };
-    got.map_or(Next::Closed, Next::Op)
+    got.map_or(Next::Closed, Next::Job)
 }
 
 impl Writer {
@@ -332,8 +412,38 @@ impl Writer {
     {
         let (reply, answer) = oneshot::channel();
         let pending = Box::new(Pending { run: op, answer: None, reply: Some(reply), when });
-        self.ops.send(pending).await.map_err(|_| stopped())?;
+        self.ops.send(Job::Op(pending)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `op`, a claim on `queue`, in the next batch and, while it takes nothing (`None`),
+    /// again in each batch that may give `queue` tasks to claim, until `until`; answers what
+    /// it took (before that batch's commit, as [`Writer::write_early`] does), or `T::default()`
+    /// once `until` has passed. Once `cancel` completes it answers at once: what it took before,
+    /// if anything, so that nothing it took is lost with the caller.
+    pub(super) async fn write_waiting<T, F>(
+        &self,
+        queue: QueueName,
+        until: Instant,
+        op: F,
+        cancel: impl Future<Output = ()>,
+    ) -> Result<T>
+    where
+        T: Default + Send + 'static,
+        F: FnMut(&mut Tx<'_>) -> Result<Option<T>> + Send + 'static,
+    {
+        let (reply, mut answer) = oneshot::channel();
+        let wait = Box::new(Waiting { queue, until, run: op, took: None, reply: Some(reply) });
+        self.ops.send(Job::Wait(wait)).await.map_err(|_| stopped())?;
+        tokio::select! {
+            biased;
+            got = &mut answer => got.map_err(|_| stopped())?,
+            () = cancel => {
+                // once closed the writer can send nothing more: what it sent before is here
+                answer.close();
+                answer.try_recv().unwrap_or_else(|_| Ok(T::default()))
+            }
+        }
     }
 }
 
@@ -346,7 +456,7 @@ fn commit_txn(txn: WriteTransaction) -> Result<()> {
 /// which commits are synced before their answers.
 fn run(
     db: &Database,
-    mut rx: mpsc::Receiver<Box<dyn Op>>,
+    mut rx: mpsc::Receiver<Job>,
     wakers: &Wakers,
     progress: &Progress,
     finish: fn(WriteTransaction) -> Result<()>,
@@ -358,30 +468,48 @@ fn run(
     let mut batch = 0u64;
     // when the oldest answered commit not yet synced was made
     let mut unsynced: Option<Instant> = None;
+    // claims waiting for tasks
+    let mut waits: Vec<Parked> = Vec::new();
     loop {
-        let due = unsynced.map(|since| since + syncs.within);
+        let sync_due = unsynced.map(|since| since + syncs.within);
+        let due = sync_due.into_iter().chain(waits.iter().map(|p| p.wait.until())).min();
         let first = match next(&mut rx, syncs, due) {
-            Next::Op(op) => op,
+            Next::Job(job) => job,
             Next::Closed => break,
             Next::Due => {
-                match sync_empty(db, finish) {
-                    Ok(()) => drop(progress.synced.send_replace(batch)),
-                    Err(e) => halted = Some(halt(&e, "the commits since the last sync")),
+                let now = Instant::now();
+                // a wait whose time ran out answers that it took nothing
+                waits.retain_mut(|p| {
+                    let over = p.wait.until() <= now;
+                    if over {
+                        p.wait.send(None);
+                    }
+                    !over && !p.wait.gone()
+                });
+                if sync_due.is_some_and(|due| due <= now) {
+                    match sync_empty(db, finish) {
+                        Ok(()) => drop(progress.synced.send_replace(batch)),
+                        Err(e) => halted = Some(halt(&e, "the commits since the last sync")),
+                    }
+                    unsynced = None;
                 }
-                unsynced = None;
                 continue;
             }
         };
-        let mut ops = vec![first];
-        while ops.len() < MAX_OPS {
+        let mut ops = Vec::new();
+        route(first, &mut ops, &mut waits);
+        for _ in 1..MAX_OPS {
             match rx.try_recv() {
-                Ok(op) => ops.push(op),
+                Ok(job) => route(job, &mut ops, &mut waits),
                 Err(_) => break,
             }
         }
         if let Some(e) = &halted {
             for mut op in ops {
                 op.answer(Some(e));
+            }
+            for mut p in waits.drain(..) {
+                p.wait.send(Some(e));
             }
             continue;
         }
@@ -391,8 +519,12 @@ fn run(
                 || unsynced.is_some_and(|since| since.elapsed() >= syncs.within)
         };
         let announce = || progress.early.store(batch, Ordering::Release);
-        let done = commit(db, &mut ops, || rx.try_recv().ok(), durable, announce, finish);
+        let more = || rx.try_recv().ok();
+        let done = commit(db, &mut ops, &mut waits, more, durable, announce, finish);
         progress.settled.send_replace(batch);
+        for p in &mut waits {
+            p.fresh = false;
+        }
         // whether this batch answered early with writes
         let early = progress.early.load(Ordering::Relaxed) == batch;
         match done {
@@ -438,6 +570,14 @@ fn run(
     }
 }
 
+/// Puts a job with the operations of the next batch, or with the waiting claims.
+fn route(job: Job, ops: &mut Vec<Box<dyn Op>>, waits: &mut Vec<Parked>) {
+    match job {
+        Job::Op(op) => ops.push(op),
+        Job::Wait(wait) => waits.push(Parked { wait, fresh: true }),
+    }
+}
+
 /// The error every operation gets once a failed commit `e` stopped the writer; logs why:
 /// `lost` names what was answered but may not be on disk.
 fn halt(e: &Error, lost: &str) -> Error {
@@ -467,11 +607,12 @@ struct Committed {
     durable: bool,
 }
 
-/// Applies `ops` in one transaction, then the operations that came (`more`) while it was
-/// applying them, and commits it, synced when `durable` says so of all of them. An operation
-/// that fails after writing is answered at once and taken out, and the batch is redone. Early
-/// operations are answered between the last pass and the commit, after `announce` when any of
-/// them wrote.
+/// Applies `ops` in one transaction, then the jobs that came (`more`) while it was applying
+/// them, then the waiting claims that may take something (new ones, and those whose queue
+/// the batch may have given tasks), and commits it, synced when `durable` says so of the
+/// operations. An operation or claim that fails after writing is answered at once and taken
+/// out, and the batch is redone. Early operations and the claims that took something are
+/// answered between the last pass and the commit, after `announce` when any of them wrote.
 ///
 /// Operations that come while a batch is applied join it rather than wait for its commit to
 /// start a batch of their own: they are answered sooner, and a round of the WorkQueue (its
@@ -479,25 +620,30 @@ struct Committed {
 fn commit(
     db: &Database,
     ops: &mut Vec<Box<dyn Op>>,
-    mut more: impl FnMut() -> Option<Box<dyn Op>>,
+    waits: &mut Vec<Parked>,
+    mut more: impl FnMut() -> Option<Job>,
     durable: impl Fn(&[Box<dyn Op>]) -> bool,
     announce: impl FnOnce(),
     finish: fn(WriteTransaction) -> Result<()>,
 ) -> Result<Committed> {
-    // each pass either commits or takes one operation out; only the first takes more in
-    for pass in 0..=MAX_OPS {
+    enum Broken {
+        Op(usize, Error),
+        Wait(usize, Error),
+    }
+    // each pass either commits or takes one job out; only the first takes more in
+    for pass in 0..=MAX_OPS * 2 {
         let mut txn = db.begin_write().map_err(storage)?;
         let mut tx = Tx::open(&txn)?;
         let mut broken = None;
         let (mut wrote, mut wrote_early) = (false, false);
-        let mut i = 0;
+        let (mut i, mut pulled) = (0, 0);
         loop {
             while i < ops.len() {
                 let op = &mut ops[i];
                 tx.begin_op();
                 if let Err(e) = op.apply(&mut tx) {
                     if tx.dirty() {
-                        broken = Some((i, e));
+                        broken = Some(Broken::Op(i, e));
                         break;
                     }
                     op.refuse(e);
@@ -509,27 +655,66 @@ fn commit(
             if broken.is_some() || pass > 0 {
                 break;
             }
-            let before = ops.len();
-            while ops.len() < MAX_OPS
-                && let Some(op) = more()
+            let before = pulled;
+            while pulled < MAX_OPS
+                && let Some(job) = more()
             {
-                ops.push(op);
+                route(job, ops, waits);
+                pulled += 1;
             }
-            if ops.len() == before {
+            if pulled == before {
                 break;
             }
         }
-        if let Some((i, e)) = broken {
+        let mut took = Vec::new();
+        if broken.is_none() {
+            for (k, p) in waits.iter_mut().enumerate() {
+                if !(p.fresh || tx.readied(p.wait.queue())) || p.wait.gone() {
+                    continue;
+                }
+                tx.begin_op();
+                match p.wait.apply(&mut tx) {
+                    Ok(true) => took.push(k),
+                    Ok(false) => {}
+                    Err(e) if tx.dirty() => {
+                        broken = Some(Broken::Wait(k, e));
+                        break;
+                    }
+                    // answered now, so gone from the waits below
+                    Err(e) => p.wait.send(Some(&e)),
+                }
+                wrote |= tx.dirty();
+                wrote_early |= tx.dirty();
+            }
+        }
+        if let Some(broken) = broken {
             drop(tx);
             txn.abort().map_err(storage)?;
-            tracing::warn!(error = %e, "a store operation failed halfway; batch redone without it");
-            let mut op = ops.remove(i);
-            op.refuse(e);
-            op.answer(None);
+            match broken {
+                Broken::Op(i, e) => {
+                    tracing::warn!(error = %e, "a store operation failed halfway; batch redone without it");
+                    let mut op = ops.remove(i);
+                    op.refuse(e);
+                    op.answer(None);
+                }
+                Broken::Wait(k, e) => {
+                    tracing::warn!(error = %e, "a waiting claim failed halfway; batch redone without it");
+                    waits.remove(k).wait.send(Some(&e));
+                }
+            }
             continue;
         }
         let woken = tx.finish()?;
         let durable = durable(ops);
+        if !wrote && !durable {
+            // nothing to commit (claims that found nothing, a slow poll): no commit to wait for
+            txn.abort().map_err(storage)?;
+            for op in ops.iter_mut().filter(|op| op.when() == When::Applied) {
+                op.answer(None);
+            }
+            waits.retain(|p| !p.wait.gone());
+            return Ok(Committed { woken, wrote, durable });
+        }
         let durability = if durable { Durability::Immediate } else { Durability::None };
         txn.set_durability(durability).map_err(storage)?;
         if wrote_early {
@@ -538,6 +723,11 @@ fn commit(
         for op in ops.iter_mut().filter(|op| op.when() == When::Applied) {
             op.answer(None);
         }
+        for k in took {
+            waits[k].wait.send(None);
+        }
+        // answered, or their callers stopped waiting
+        waits.retain(|p| !p.wait.gone());
         finish(txn)?;
         return Ok(Committed { woken, wrote, durable });
     }
@@ -547,6 +737,8 @@ fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
 
     /// A database with every table, in `dir`.
     fn fresh(dir: &tempfile::TempDir) -> Database {
@@ -559,7 +751,7 @@ mod tests {
 
     /// Runs `test` against a writer thread on a fresh database whose every commit fails, then
     /// stops the thread.
-    fn with_failing_writer(test: impl FnOnce(&mpsc::Sender<Box<dyn Op>>)) {
+    fn with_failing_writer(test: impl FnOnce(&mpsc::Sender<Job>)) {
         let dir = tempfile::tempdir().unwrap();
         let db = fresh(&dir);
         let (ops, rx) = mpsc::channel(16);
@@ -573,27 +765,19 @@ mod tests {
     }
 
     /// Sends an operation to the writer; answers its reply.
-    fn submit<T, F>(
-        ops: &mpsc::Sender<Box<dyn Op>>,
-        run: F,
-        when: When,
-    ) -> oneshot::Receiver<Result<T>>
+    fn submit<T, F>(ops: &mpsc::Sender<Job>, run: F, when: When) -> oneshot::Receiver<Result<T>>
     where
         T: Send + 'static,
         F: FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let op = Pending { run, answer: None, reply: Some(reply), when };
-        ops.blocking_send(Box::new(op)).unwrap();
+        ops.blocking_send(Job::Op(Box::new(op))).unwrap();
         answer
     }
 
     /// Sends an operation that pauses queue `q` (a write); answers its reply.
-    fn pause(
-        ops: &mpsc::Sender<Box<dyn Op>>,
-        q: &str,
-        early: bool,
-    ) -> oneshot::Receiver<Result<()>> {
+    fn pause(ops: &mpsc::Sender<Job>, q: &str, early: bool) -> oneshot::Receiver<Result<()>> {
         let queue = QueueName::new(q).unwrap();
         let when = if early { When::Applied } else { When::Committed };
         submit(ops, move |tx: &mut Tx<'_>| tx.set_paused(&queue, true), when)
@@ -664,7 +848,7 @@ mod tests {
     fn writer(
         dir: &tempfile::TempDir,
         syncs: Syncs,
-    ) -> (mpsc::Sender<Box<dyn Op>>, Arc<Progress>, JoinHandle<()>) {
+    ) -> (mpsc::Sender<Job>, Arc<Progress>, JoinHandle<()>) {
         let db = fresh(dir);
         let progress = Arc::new(Progress::default());
         let (ops, rx) = mpsc::channel(16);
@@ -680,7 +864,7 @@ mod tests {
     fn lazy_writer(
         dir: &tempfile::TempDir,
         within: Duration,
-    ) -> (mpsc::Sender<Box<dyn Op>>, Arc<Progress>, JoinHandle<()>) {
+    ) -> (mpsc::Sender<Job>, Arc<Progress>, JoinHandle<()>) {
         writer(dir, Syncs::lazy(within).unwrap())
     }
 
@@ -784,12 +968,12 @@ mod tests {
         let (reply, joined) = oneshot::channel();
         let b = QueueName::new("b").unwrap();
         let pause_b = move |tx: &mut Tx<'_>| tx.set_paused(&b, true);
-        let mut late: Option<Box<dyn Op>> = Some(Box::new(Pending {
+        let mut late = Some(Job::Op(Box::new(Pending {
             run: pause_b,
             answer: None,
             reply: Some(reply),
             when: When::Committed,
-        }));
+        })));
         let sender = ops.clone();
         let a = QueueName::new("a").unwrap();
         let early = move |tx: &mut Tx<'_>| {
@@ -804,6 +988,107 @@ mod tests {
         assert_eq!(*progress.synced.borrow(), 1, "synced for the operation that joined");
         assert!(paused_after_a_crash(&dir, "b"), "the one that joined is on disk");
         assert!(paused_after_a_crash(&dir, "a"), "with the early one");
+        drop(ops);
+        thread.join().unwrap();
+    }
+
+    /// Runs of a waiting claim, and whether its next run takes something.
+    #[derive(Clone, Default)]
+    struct Claim {
+        runs: Arc<AtomicU64>,
+        take: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    /// Sends a claim waiting on queue `q` until `until`: each run counts in `claim`; a run
+    /// that may take writes (pauses queue "taken") and answers 7. Answers its reply.
+    fn wait_on(
+        ops: &mpsc::Sender<Job>,
+        q: &str,
+        until: Instant,
+        claim: &Claim,
+    ) -> oneshot::Receiver<Result<u32>> {
+        let (reply, answer) = oneshot::channel();
+        let (c, taken) = (claim.clone(), QueueName::new("taken").unwrap());
+        let run = move |tx: &mut Tx<'_>| {
+            c.runs.fetch_add(1, Ordering::SeqCst);
+            if !c.take.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            tx.set_paused(&taken, true)?;
+            Ok(Some(7))
+        };
+        let queue = QueueName::new(q).unwrap();
+        let wait = Waiting { queue, until, run, took: None, reply: Some(reply) };
+        ops.blocking_send(Job::Wait(Box::new(wait))).unwrap();
+        answer
+    }
+
+    /// Sends an operation that resumes queue `q` (which may give it tasks to claim).
+    fn resume(ops: &mpsc::Sender<Job>, q: &str) -> oneshot::Receiver<Result<()>> {
+        let queue = QueueName::new(q).unwrap();
+        submit(ops, move |tx: &mut Tx<'_>| tx.set_paused(&queue, false), When::Committed)
+    }
+
+    /// A commit that waits while [`HELD`] is set (at most a minute).
+    fn held(txn: WriteTransaction) -> Result<()> {
+        let t0 = Instant::now();
+        while HELD.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::yield_now();
+        }
+        commit_txn(txn)
+    }
+
+    static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    #[test]
+    fn a_waiting_claim_takes_in_the_batch_that_readies_its_queue_and_answers_before_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = fresh(&dir);
+        let (ops, rx) = mpsc::channel(16);
+        let syncs = Syncs::every_commit(CLAIM_SYNC).unwrap();
+        let thread = std::thread::spawn(move || {
+            run(&db, rx, &Wakers::default(), &Progress::default(), held, &syncs)
+        });
+        let claim = Claim::default();
+        let mut got = wait_on(&ops, "q", Instant::now() + HOUR, &claim);
+        pause(&ops, "other", false).blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            claim.runs.load(Ordering::SeqCst),
+            1,
+            "not run for a batch that gave it nothing"
+        );
+        assert!(got.try_recv().is_err(), "still waiting");
+        HELD.store(true, Ordering::SeqCst);
+        claim.take.store(true, Ordering::SeqCst);
+        let readied = resume(&ops, "q");
+        // the commit of the batch that readied its queue waits until the claim's answer came
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let answer =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), got).await });
+        HELD.store(false, Ordering::SeqCst);
+        assert_eq!(answer.expect("answered before the commit").unwrap().unwrap(), 7);
+        assert_eq!(claim.runs.load(Ordering::SeqCst), 2);
+        readied.blocking_recv().unwrap().unwrap();
+        drop(ops);
+        thread.join().unwrap();
+        assert!(paused_after_a_crash(&dir, "taken"), "what it took was committed and synced");
+    }
+
+    #[test]
+    fn a_waiting_claim_answers_nothing_when_its_time_runs_out_and_takes_nothing_once_its_caller_is_gone()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (ops, _progress, thread) = writer(&dir, Syncs::every_commit(CLAIM_SYNC).unwrap());
+        let short = Claim::default();
+        let got = wait_on(&ops, "q", Instant::now() + Duration::from_millis(20), &short);
+        assert_eq!(got.blocking_recv().unwrap().unwrap(), 0, "nothing taken in time");
+        let gone = Claim::default();
+        drop(wait_on(&ops, "q", Instant::now() + HOUR, &gone));
+        gone.take.store(true, Ordering::SeqCst);
+        short.take.store(true, Ordering::SeqCst);
+        resume(&ops, "q").blocking_recv().unwrap().unwrap();
+        assert_eq!(short.runs.load(Ordering::SeqCst), 1, "a claim that answered is not run again");
+        assert!(!paused_after_a_crash(&dir, "taken"), "nothing taken for either");
         drop(ops);
         thread.join().unwrap();
     }
