@@ -145,6 +145,18 @@ impl EmbeddedStore {
         .map_err(|e| Error::Unavailable(Box::new(e)))?
     }
 
+    /// claim.lua's step on `queue` for up to `max` tasks under a lease of `lease`.
+    fn claim_op(
+        &self,
+        queue: &QueueName,
+        max: usize,
+        lease: Duration,
+    ) -> impl FnMut(&mut tables::Tx<'_>) -> Result<ops::ClaimOut> + Send + 'static {
+        let (q, cfg) = (queue.clone(), self.cfg(queue));
+        let (max, lease_ms) = (max.clamp(1, MAX_BATCH), millis(lease));
+        move |tx| ops::claim(tx, &q, &cfg, max, lease_ms)
+    }
+
     /// Runs a batch operation over `items`, [`MAX_BATCH`] per atomic step, as the Redis store
     /// splits its script calls.
     async fn batched<I, T, F>(&self, items: Vec<I>, op: F) -> Result<Vec<T>>
@@ -200,13 +212,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn claim(&self, queue: &QueueName, max: usize, lease: Duration) -> Result<Vec<Claimed>> {
-        let (q, cfg) = (queue.clone(), self.cfg(queue));
-        let (max, lease_ms) = (max.clamp(1, MAX_BATCH), millis(lease));
-        let out = self
-            .inner
-            .writer
-            .write_early(move |tx| ops::claim(tx, &q, &cfg, max, lease_ms))
-            .await?;
+        let out = self.inner.writer.write_early(self.claim_op(queue, max, lease)).await?;
         out.claimed(queue)
     }
 
@@ -222,10 +228,9 @@ impl Store for EmbeddedStore {
         wait: Duration,
         cancel: impl Future<Output = ()> + Send,
     ) -> Result<Vec<Claimed>> {
-        let (q, cfg) = (queue.clone(), self.cfg(queue));
-        let (max, lease_ms) = (max.clamp(1, MAX_BATCH), millis(lease));
+        let mut op = self.claim_op(queue, max, lease);
         let claim = move |tx: &mut tables::Tx<'_>| {
-            let out = ops::claim(tx, &q, &cfg, max, lease_ms)?;
+            let out = op(tx)?;
             Ok((!out.tasks.is_empty()).then_some(out))
         };
         let until = std::time::Instant::now() + wait.min(MAX_BLOCK);

@@ -638,33 +638,26 @@ fn commit(
         let (mut wrote, mut wrote_early) = (false, false);
         let (mut i, mut pulled) = (0, 0);
         loop {
-            while i < ops.len() {
-                let op = &mut ops[i];
-                tx.begin_op();
-                if let Err(e) = op.apply(&mut tx) {
-                    if tx.dirty() {
-                        broken = Some(Broken::Op(i, e));
-                        break;
-                    }
-                    op.refuse(e);
-                }
-                wrote |= tx.dirty();
-                wrote_early |= op.when() == When::Applied && tx.dirty();
-                i += 1;
-            }
-            if broken.is_some() || pass > 0 {
-                break;
-            }
-            let before = pulled;
-            while pulled < MAX_OPS
-                && let Some(job) = more()
-            {
+            if i == ops.len() {
+                // the first pass takes in what came meanwhile, until nothing more comes
+                let job = if pass == 0 && pulled < MAX_OPS { more() } else { None };
+                let Some(job) = job else { break };
                 route(job, ops, waits);
                 pulled += 1;
+                continue;
             }
-            if pulled == before {
-                break;
+            let op = &mut ops[i];
+            tx.begin_op();
+            if let Err(e) = op.apply(&mut tx) {
+                if tx.dirty() {
+                    broken = Some(Broken::Op(i, e));
+                    break;
+                }
+                op.refuse(e);
             }
+            wrote |= tx.dirty();
+            wrote_early |= op.when() == When::Applied && tx.dirty();
+            i += 1;
         }
         let mut took = Vec::new();
         if broken.is_none() {
@@ -706,15 +699,6 @@ fn commit(
         }
         let woken = tx.finish()?;
         let durable = durable(ops);
-        if !wrote && !durable {
-            // nothing to commit (claims that found nothing, a slow poll): no commit to wait for
-            txn.abort().map_err(storage)?;
-            for op in ops.iter_mut().filter(|op| op.when() == When::Applied) {
-                op.answer(None);
-            }
-            waits.retain(|p| !p.wait.gone());
-            return Ok(Committed { woken, wrote, durable });
-        }
         let durability = if durable { Durability::Immediate } else { Durability::None };
         txn.set_durability(durability).map_err(storage)?;
         if wrote_early {
@@ -728,7 +712,12 @@ fn commit(
         }
         // answered, or their callers stopped waiting
         waits.retain(|p| !p.wait.gone());
-        finish(txn)?;
+        if wrote || durable {
+            finish(txn)?;
+        } else {
+            // nothing to commit (claims that found nothing, a slow poll): no commit to wait for
+            txn.abort().map_err(storage)?;
+        }
         return Ok(Committed { woken, wrote, durable });
     }
     Err(Error::Corrupt("a batch kept failing halfway".into()))
