@@ -275,6 +275,21 @@ async fn bench_runs_every_measure_and_accounts_for_every_task() -> Result<()> {
             "a run's ratio is its rate over its own ceiling: {d}"
         );
         ensure!(d["mcpq_cpu_us_per_task"].as_f64() > Some(0.0), "{d}");
+        // one run: each ratio is that run's own figures over each other
+        let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+        let servers = run["server_cpu_us_per_task"].as_f64();
+        let mcpq_over = over(run["mcpq_cpu_us_per_task"].as_f64(), servers);
+        let beside = run["ceiling_server_cpu_us_per_call"].as_f64();
+        ensure!(beside > Some(0.0), "the servers' CPU in the ceilings beside it: {d}");
+        for (said, want) in [
+            (d["mcpq_over_servers"].as_f64(), mcpq_over),
+            (d["servers_over_ceiling"].as_f64(), over(servers, beside)),
+        ] {
+            ensure!(
+                said.zip(want).is_some_and(|(s, w)| s > 0.0 && (s - w).abs() < 1e-9),
+                "CPU ratios of the run: {d}"
+            );
+        }
         let redis = d["store"] == "redis";
         ensure!(
             d["redis_commands_per_task"].is_f64() == redis,

@@ -159,6 +159,12 @@ struct DrainRow {
     startup_ms: f64,
     mcpq_cpu_us_per_task: f64,
     server_cpu_us_per_task: f64,
+    /// Median of mcpq's CPU per task over the servers' in the same run: steadier than either
+    /// as the VM's speed drifts.
+    mcpq_over_servers: f64,
+    /// Median of the servers' CPU per task in the drain over their CPU per call in the
+    /// ceiling runs beside it: what the way mcpq sends calls costs the servers.
+    servers_over_ceiling: f64,
     redis_cpu_us_per_task: Option<f64>,
     redis_commands_per_task: Option<f64>,
     redis_round_trips_per_task: Option<f64>,
@@ -411,7 +417,7 @@ async fn drain_row(
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         progress(format_args!("drain, {}, {k} servers, run {run}: ceiling before", kind.label()));
-        let before = measure::ceiling(clients, echo, args.tasks as usize).await?.calls_per_s;
+        let before = measure::ceiling(clients, echo, args.tasks as usize).await?;
         progress(format_args!("drain, {}, {k} servers, run {run}", kind.label()));
         let name = format!("drain-{k}-{run}");
         let urls = echo.urls.clone();
@@ -421,13 +427,15 @@ async fn drain_row(
         });
         check(&r.accounting, "drain")?;
         progress(format_args!("drain, {}, {k} servers, run {run}: ceiling after", kind.label()));
-        let after = measure::ceiling(clients, echo, args.tasks as usize).await?.calls_per_s;
-        let top = (before + after) / 2.0;
+        let after = measure::ceiling(clients, echo, args.tasks as usize).await?;
+        let top = (before.calls_per_s + after.calls_per_s) / 2.0;
+        let servers = (before.server_cpu_us_per_call + after.server_cpu_us_per_call) / 2.0;
         runs.push(DrainRun {
-            ceiling_before: before,
-            ceiling_after: after,
+            ceiling_before: before.calls_per_s,
+            ceiling_after: after.calls_per_s,
             ceiling_calls_per_s: top,
             of_ceiling: r.tasks_per_s / top,
+            ceiling_server_cpu_us_per_call: servers,
             ..r
         });
     }
@@ -440,6 +448,10 @@ async fn drain_row(
         startup_ms: median_of(&runs, |r| r.startup_ms),
         mcpq_cpu_us_per_task: median_of(&runs, |r| r.mcpq_cpu_us_per_task),
         server_cpu_us_per_task: median_of(&runs, |r| r.server_cpu_us_per_task),
+        mcpq_over_servers: median_of(&runs, |r| r.mcpq_cpu_us_per_task / r.server_cpu_us_per_task),
+        servers_over_ceiling: median_of(&runs, |r| {
+            r.server_cpu_us_per_task / r.ceiling_server_cpu_us_per_call
+        }),
         redis_cpu_us_per_task: median_opt(&runs, |r| r.redis_cpu_us_per_task),
         redis_commands_per_task: median_opt(&runs, |r| r.redis_commands_per_task),
         redis_round_trips_per_task: median_opt(&runs, |r| r.redis_round_trips_per_task),
@@ -665,7 +677,7 @@ fn print_report(r: &Report) {
     if !r.drain.is_empty() {
         out("\ndrain: queued tasks → all finished, and what each task cost (medians)");
         out(format_args!(
-            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}",
+            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9}",
             "store",
             "servers",
             "tasks",
@@ -674,6 +686,8 @@ fn print_report(r: &Report) {
             "start ms",
             "mcpq µs",
             "server µs",
+            "mcpq/srv",
+            "srv/ceil",
             "redis µs",
             "cmds",
             "trips",
@@ -682,7 +696,7 @@ fn print_report(r: &Report) {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_owned(), |v| format!("{v:.p$}"));
         for d in &r.drain {
             out(format_args!(
-                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>8.1} {:>9.1} {:>9.1} {:>9} {:>8} {:>8} {:>9.1}",
+                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>8.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9} {:>8} {:>8} {:>9.1}",
                 d.store.label(),
                 d.servers,
                 d.tasks,
@@ -691,6 +705,8 @@ fn print_report(r: &Report) {
                 d.startup_ms,
                 d.mcpq_cpu_us_per_task,
                 d.server_cpu_us_per_task,
+                d.mcpq_over_servers,
+                d.servers_over_ceiling,
                 opt(d.redis_cpu_us_per_task, 1),
                 opt(d.redis_commands_per_task, 1),
                 opt(d.redis_round_trips_per_task, 2),
@@ -702,8 +718,10 @@ fn print_report(r: &Report) {
         out("  then, not in the rate;");
         out("  ×ceil: each drain over the mean of ceiling runs just before and after it, the");
         out("  median of those ratios;");
-        out("  µs: CPU per task of mcpq (this process), the servers and Redis; cmds: Redis");
-        out("  commands per task, scripts' included; trips: client round trips per task");
+        out("  µs: CPU per task of mcpq (this process), the servers and Redis; mcpq/srv: mcpq's");
+        out("  over the servers' in the same run; srv/ceil: the servers' CPU per task over theirs");
+        out("  per call in the ceiling runs beside the drain; cmds: Redis commands per task,");
+        out("  scripts' included; trips: client round trips per task");
     }
     if !r.steady.is_empty() {
         out("\nsteady: enqueue at a fixed rate → finish seen by an event subscriber (medians)");

@@ -209,6 +209,8 @@ pub(crate) struct DrainRun {
     pub(crate) ceiling_after: f64,
     pub(crate) ceiling_calls_per_s: f64,
     pub(crate) of_ceiling: f64,
+    /// The servers' CPU per call in those two ceiling runs, their mean.
+    pub(crate) ceiling_server_cpu_us_per_call: f64,
 }
 
 pub(crate) async fn drain<S: Store>(
@@ -267,6 +269,7 @@ pub(crate) async fn drain<S: Store>(
         ceiling_after: f64::NAN,
         ceiling_calls_per_s: f64::NAN,
         of_ceiling: f64::NAN,
+        ceiling_server_cpu_us_per_call: f64::NAN,
     })
 }
 
