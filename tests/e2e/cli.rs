@@ -253,6 +253,13 @@ async fn bench_runs_every_measure_and_accounts_for_every_task() -> Result<()> {
     let servers: Vec<u64> = rows("ceiling").iter().filter_map(|c| c["servers"].as_u64()).collect();
     ensure!(servers == [1, 2], "a ceiling per number of servers: {r}");
     ensure!(rows("ceiling").iter().all(|c| c["calls_per_s"].as_f64() > Some(0.0)), "{r}");
+    ensure!(
+        rows("ceiling").iter().all(|c| {
+            let top = c["concurrency"].as_f64().unwrap_or(0.0);
+            c["in_flight"].as_f64().is_some_and(|n| (0.0..=top).contains(&n))
+        }),
+        "the ceiling's calls in flight, at most its concurrency: {r}"
+    );
     ensure!(rows("drain").len() == 4, "a drain per store and number of servers: {r}");
     for d in rows("drain") {
         let a = &d["runs"][0]["accounting"];
@@ -275,6 +282,10 @@ async fn bench_runs_every_measure_and_accounts_for_every_task() -> Result<()> {
             "a run's ratio is its rate over its own ceiling: {d}"
         );
         ensure!(d["mcpq_cpu_us_per_task"].as_f64() > Some(0.0), "{d}");
+        // at most every slot of the run's servers (32 each by default) and a health ping each
+        let slots = d["servers"].as_f64().map(|k| 33.0 * k);
+        let in_flight = d["in_flight"].as_f64().zip(slots);
+        ensure!(in_flight.is_some_and(|(n, top)| (0.0..=top).contains(&n)), "in flight: {d}");
         // one run: each ratio is that run's own figures over each other
         let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
         let servers = run["server_cpu_us_per_task"].as_f64();

@@ -167,6 +167,32 @@ impl<'a> Exchange<'a> {
     }
 }
 
+/// Requests this process has sent and not yet had answered, over every client.
+static IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+
+/// How many requests this process has in flight, over every [`McpClient`]: a gauge, so a
+/// caller can see how full it keeps its servers (`mcpq bench` sets a drain beside the direct
+/// calls with it).
+pub fn requests_in_flight() -> u64 {
+    IN_FLIGHT.load(Ordering::Relaxed)
+}
+
+/// One request counted in [`requests_in_flight`] while it lives.
+struct Counted;
+
+impl Counted {
+    fn new() -> Self {
+        IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl McpClient {
     /// A client for `cfg` (validate it first). Connects lazily, on the first request.
     pub fn new(cfg: ServerConfig) -> Result<Self, BuildError> {
@@ -341,6 +367,7 @@ impl McpClient {
         name: Option<&str>,
         meta: &CallMeta,
     ) -> Outcome<Value> {
+        let _counted = Counted::new();
         let link = match self.ensure_link().await {
             Ok(link) => link,
             Err(o) => return o,

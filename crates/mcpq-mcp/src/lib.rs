@@ -13,6 +13,7 @@ mod sse;
 
 pub use client::{
     BuildError, CallMeta, Era, LEGACY_VERSION, McpClient, SESSION_VERSION, STATELESS_VERSION,
+    requests_in_flight,
 };
 pub use config::{Auth, ConfigError, Secret, ServerConfig, Timeouts, TransportChoice};
 pub use legacy::ReqwestTransport;

@@ -143,6 +143,8 @@ struct CeilingRow {
     p99_us: f64,
     client_cpu_us_per_call: f64,
     server_cpu_us_per_call: f64,
+    /// Median of the runs' mean calls in flight.
+    in_flight: f64,
     runs: Vec<CeilingRun>,
 }
 
@@ -169,6 +171,9 @@ struct DrainRow {
     redis_commands_per_task: Option<f64>,
     redis_round_trips_per_task: Option<f64>,
     peak_rss_mib: f64,
+    /// Median of the runs' mean calls in flight: how full mcpq kept the slots, against the
+    /// ceiling's.
+    in_flight: f64,
     runs: Vec<DrainRun>,
 }
 
@@ -289,6 +294,7 @@ async fn measure_all(args: &BenchArgs) -> Result<Report> {
                 p99_us: median_of(&runs, |r| r.latency.p99_us),
                 client_cpu_us_per_call: median_of(&runs, |r| r.client_cpu_us_per_call),
                 server_cpu_us_per_call: median_of(&runs, |r| r.server_cpu_us_per_call),
+                in_flight: median_of(&runs, |r| r.in_flight),
                 runs,
             });
         }
@@ -456,6 +462,7 @@ async fn drain_row(
         redis_commands_per_task: median_opt(&runs, |r| r.redis_commands_per_task),
         redis_round_trips_per_task: median_opt(&runs, |r| r.redis_round_trips_per_task),
         peak_rss_mib: median_of(&runs, |r| r.peak_rss_mib),
+        in_flight: median_of(&runs, |r| r.in_flight),
         runs,
     })
 }
@@ -658,14 +665,22 @@ fn print_report(r: &Report) {
     if !r.ceiling.is_empty() {
         out("\nceiling: echo servers called directly by the MCP client (medians)");
         out(format_args!(
-            "{:>7} {:>6} {:>10} {:>8} {:>8} {:>14} {:>14}",
-            "servers", "conc", "calls/s", "p50 ms", "p99 ms", "client µs/call", "server µs/call"
+            "{:>7} {:>6} {:>9} {:>10} {:>8} {:>8} {:>14} {:>14}",
+            "servers",
+            "conc",
+            "in flight",
+            "calls/s",
+            "p50 ms",
+            "p99 ms",
+            "client µs/call",
+            "server µs/call"
         ));
         for c in &r.ceiling {
             out(format_args!(
-                "{:>7} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>14.1} {:>14.1}",
+                "{:>7} {:>6} {:>9.1} {:>10.0} {:>8.2} {:>8.2} {:>14.1} {:>14.1}",
                 c.servers,
                 c.concurrency,
+                c.in_flight,
                 c.calls_per_s,
                 c.p50_us / 1e3,
                 c.p99_us / 1e3,
@@ -677,12 +692,13 @@ fn print_report(r: &Report) {
     if !r.drain.is_empty() {
         out("\ndrain: queued tasks → all finished, and what each task cost (medians)");
         out(format_args!(
-            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9}",
+            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9}",
             "store",
             "servers",
             "tasks",
             "tasks/s",
             "×ceil",
+            "in flight",
             "start ms",
             "mcpq µs",
             "server µs",
@@ -696,12 +712,13 @@ fn print_report(r: &Report) {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_owned(), |v| format!("{v:.p$}"));
         for d in &r.drain {
             out(format_args!(
-                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>8.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9} {:>8} {:>8} {:>9.1}",
+                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>9.1} {:>8.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9} {:>8} {:>8} {:>9.1}",
                 d.store.label(),
                 d.servers,
                 d.tasks,
                 d.tasks_per_s,
                 d.of_ceiling,
+                d.in_flight,
                 d.startup_ms,
                 d.mcpq_cpu_us_per_task,
                 d.server_cpu_us_per_task,
@@ -717,7 +734,8 @@ fn print_report(r: &Report) {
         out("  its clock starts too) to the last task finished; start ms: the fleet's start until");
         out("  then, not in the rate;");
         out("  ×ceil: each drain over the mean of ceiling runs just before and after it, the");
-        out("  median of those ratios;");
+        out("  median of those ratios; in flight: mean calls in flight, read every ms (the");
+        out("  ceiling keeps every slot busy);");
         out("  µs: CPU per task of mcpq (this process), the servers and Redis; mcpq/srv: mcpq's");
         out("  over the servers' in the same run; srv/ceil: the servers' CPU per task over theirs");
         out("  per call in the ceiling runs beside the drain; cmds: Redis commands per task,");

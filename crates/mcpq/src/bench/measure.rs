@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mcpq_fleet::{Fleet, FleetConfig};
-use mcpq_mcp::{CallMeta, McpClient, Outcome, ServerConfig};
+use mcpq_mcp::{CallMeta, McpClient, Outcome, ServerConfig, requests_in_flight};
 use mcpq_queue::{Completion, EventKind, NewTask, Queue, QueueName, Store, TaskId};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -89,11 +90,47 @@ async fn call(client: &McpClient) -> Result<()> {
     }
 }
 
+/// Reads [`requests_in_flight`] every millisecond on a thread of its own until [`Self::mean`]:
+/// how full a run kept the servers' slots, moment to moment.
+struct InFlight {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl InFlight {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut sum, mut n) = (0, 0);
+            // a run lasts minutes at most: the count bounds the loop should `mean` never come
+            while !seen.load(Ordering::Relaxed) && n < 10_000_000 {
+                std::thread::sleep(Duration::from_millis(1));
+                sum += requests_in_flight();
+                n += 1;
+            }
+            (sum, n)
+        });
+        Self { stop, thread }
+    }
+
+    /// The mean of the readings (0 for a run shorter than one).
+    fn mean(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.join() {
+            Ok((sum, n)) if n > 0 => sum as f64 / n as f64,
+            _ => 0.0,
+        }
+    }
+}
+
 /// The ceiling: `calls` direct calls, [`concurrency`] at a time per server.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub(crate) struct CeilingRun {
     pub(crate) calls_per_s: f64,
     pub(crate) latency: Latency,
+    /// Mean calls in flight, read every millisecond.
+    pub(crate) in_flight: f64,
     /// CPU of this process (the MCP client) per call.
     pub(crate) client_cpu_us_per_call: f64,
     /// CPU of the servers' process per call.
@@ -108,6 +145,7 @@ pub(crate) async fn ceiling(
     let workers = clients.len() * concurrency();
     let per = calls.div_ceil(workers);
     let (cpu0, server0) = (own_cpu_s()?, echo.cpu_s()?);
+    let in_flight = InFlight::start();
     let t0 = Instant::now();
     let mut running = Vec::new();
     for c in clients {
@@ -129,10 +167,12 @@ pub(crate) async fn ceiling(
         lat.extend(r.await??);
     }
     let wall = t0.elapsed().as_secs_f64();
+    let in_flight = in_flight.mean();
     let n = lat.len() as f64;
     Ok(CeilingRun {
         calls_per_s: n / wall,
         latency: Latency::of(lat),
+        in_flight,
         client_cpu_us_per_call: (own_cpu_s()? - cpu0) * 1e6 / n,
         server_cpu_us_per_call: (echo.cpu_s()? - server0) * 1e6 / n,
     })
@@ -201,6 +241,8 @@ pub(crate) struct DrainRun {
     pub(crate) redis_commands_per_task: Option<f64>,
     pub(crate) redis_round_trips_per_task: Option<f64>,
     pub(crate) peak_rss_mib: f64,
+    /// Mean calls in flight, read every millisecond.
+    pub(crate) in_flight: f64,
     pub(crate) accounting: Accounting,
     /// Calls per second of the ceiling runs just before and just after this drain, their
     /// mean, and the drain's ratio to the mean: the machine's speed drifts (CPU steal), so each
@@ -238,12 +280,14 @@ pub(crate) async fn drain<S: Store>(
         None => None,
     };
     let cpu0 = own_cpu_s()?;
+    let in_flight = InFlight::start();
     let t0 = Instant::now();
     queue.resume().await?;
     queue.enqueue(echo_task()).await?;
     let limit = Duration::from_secs(120 + tasks / 1000);
     finished(&fleet, tasks, t0 + limit).await;
     let wall = t0.elapsed().as_secs_f64();
+    let in_flight = in_flight.mean();
     let cpu = own_cpu_s()? - cpu0;
     let peak = own_memory()?.peak;
     let server = echo.cpu_s()? - server0;
@@ -264,6 +308,7 @@ pub(crate) async fn drain<S: Store>(
         redis_commands_per_task: redis_used.map(|r| per(r.commands as f64)),
         redis_round_trips_per_task: redis_used.map(|r| per(r.round_trips as f64)),
         peak_rss_mib: peak as f64 / (1 << 20) as f64,
+        in_flight,
         accounting,
         ceiling_before: f64::NAN,
         ceiling_after: f64::NAN,
