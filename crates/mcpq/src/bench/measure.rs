@@ -90,11 +90,12 @@ async fn call(client: &McpClient) -> Result<()> {
     }
 }
 
-/// Reads [`requests_in_flight`] every millisecond on a thread of its own until [`Self::mean`]:
-/// how full a run kept the servers' slots, moment to moment.
+/// Reads [`requests_in_flight`] every millisecond on a thread of its own until [`Self::mean`]
+/// (or until dropped, when a run fails): how full a run kept the servers' slots, moment to
+/// moment.
 struct InFlight {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, u64)>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
 }
 
 impl InFlight {
@@ -103,7 +104,7 @@ impl InFlight {
         let seen = stop.clone();
         let thread = std::thread::spawn(move || {
             let (mut sum, mut n) = (0, 0);
-            // a run lasts minutes at most: the count bounds the loop should `mean` never come
+            // stopped by `mean` or the drop; the count bounds the loop at under three hours
             while !seen.load(Ordering::Relaxed) && n < 10_000_000 {
                 std::thread::sleep(Duration::from_millis(1));
                 sum += requests_in_flight();
@@ -111,16 +112,22 @@ impl InFlight {
             }
             (sum, n)
         });
-        Self { stop, thread }
+        Self { stop, thread: Some(thread) }
     }
 
     /// The mean of the readings (0 for a run shorter than one).
-    fn mean(self) -> f64 {
+    fn mean(mut self) -> f64 {
         self.stop.store(true, Ordering::Relaxed);
-        match self.thread.join() {
-            Ok((sum, n)) if n > 0 => sum as f64 / n as f64,
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok((sum, n))) if n > 0 => sum as f64 / n as f64,
             _ => 0.0,
         }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
