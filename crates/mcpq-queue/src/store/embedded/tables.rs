@@ -112,7 +112,19 @@ pub(super) struct Tx<'t> {
     /// Queues that may have tasks to claim that they had not before: tasks made ready, or
     /// the queue resumed.
     readied: Vec<QueueName>,
+    /// The next slot at the tail of each list appended to in this transaction: ready lists
+    /// by (queue, level), finished lists by (queue, state code). Found once per transaction
+    /// rather than by a range lookup per task; an appended slot only has to exceed those in
+    /// the list, and nothing else in a transaction writes past a list's tail.
+    tails: Vec<(QueueName, Tail, u64)>,
     dirty: bool,
+}
+
+/// Which list a cached tail slot belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    Ready(i64),
+    Finished(u8),
 }
 
 impl<'t> Tx<'t> {
@@ -130,6 +142,7 @@ impl<'t> Tx<'t> {
             counts: HashMap::new(),
             streams: HashMap::new(),
             readied: Vec::new(),
+            tails: Vec::new(),
             dirty: false,
         })
     }
@@ -250,6 +263,25 @@ impl<'t> Tx<'t> {
         last.map(|e| e.map(|(k, _)| k.value().2).map_err(storage)).transpose()
     }
 
+    /// Takes the next slot at the tail of `list` of `queue`: from the cache, or `first` (read
+    /// from the table) the first time in this transaction.
+    fn take_tail(
+        &mut self,
+        queue: &QueueName,
+        list: Tail,
+        first: impl FnOnce(&Self) -> Result<u64>,
+    ) -> Result<u64> {
+        if let Some((_, _, next)) = self.tails.iter_mut().find(|(q, l, _)| *l == list && q == queue)
+        {
+            let slot = *next;
+            *next = slot.saturating_add(1);
+            return Ok(slot);
+        }
+        let slot = first(self)?;
+        self.tails.push((queue.clone(), list, slot.saturating_add(1)));
+        Ok(slot)
+    }
+
     /// The first or last position of a ready list.
     fn ready_edge(&self, qb: &[u8], level: i64, last: bool) -> Result<Option<u64>> {
         let mut range =
@@ -267,7 +299,9 @@ impl<'t> Tx<'t> {
     ) -> Result<u64> {
         self.dirty = true;
         let (qb, code) = (q(queue), state.code());
-        let seq = self.finished_last(qb, code)?.map_or(0, |last| last.saturating_add(1));
+        let seq = self.take_tail(queue, Tail::Finished(code), |tx| {
+            Ok(tx.finished_last(qb, code)?.map_or(0, |last| last.saturating_add(1)))
+        })?;
         self.finished.insert((qb, code, seq), key(id)).map_err(storage)?;
         self.count_delta(queue, state, 1);
         Ok(seq)
@@ -282,7 +316,9 @@ impl<'t> Tx<'t> {
     ) -> Result<u64> {
         self.dirty = true;
         let (qb, level) = (q(queue), -i64::from(priority));
-        let pos = self.ready_edge(qb, level, true)?.map_or(MIDDLE, |last| last.saturating_add(1));
+        let pos = self.take_tail(queue, Tail::Ready(level), |tx| {
+            Ok(tx.ready_edge(qb, level, true)?.map_or(MIDDLE, |last| last.saturating_add(1)))
+        })?;
         self.ready.insert((qb, level, pos), key(id)).map_err(storage)?;
         self.count_delta(queue, TaskState::Queued, 1);
         self.ready_in(queue);
