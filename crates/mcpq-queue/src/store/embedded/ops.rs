@@ -174,18 +174,22 @@ pub(super) fn claim(
     let mut tasks = Vec::with_capacity(picked.len());
     for (priority, pos, id) in picked {
         tx.unindex(queue, id, TaskState::Queued, priority, pos)?;
+        let mut attempt = 0;
+        // the running index's slot is the lease deadline
+        let rec = tx.rewrite(queue, id, deadline_ms, |raw| {
+            let mut h = Head::read(id, raw)?;
+            h.state = TaskState::Running;
+            h.attempt = h.attempt.saturating_add(1);
+            // the token is the claim count; 2^32 claims of one task do not happen
+            h.claims = h.claims.wrapping_add(1);
+            h.started = now;
+            attempt = h.attempt;
+            Ok(h.rewrite(raw))
+        })?;
         // a listed id always has a record; skipping a missing one keeps the batch going
-        let Some((_, raw)) = tx.record(queue, id)? else { continue };
-        let mut h = Head::read(id, &raw)?;
-        h.state = TaskState::Running;
-        h.attempt = h.attempt.saturating_add(1);
-        // the token is the claim count; 2^32 claims of one task do not happen
-        h.claims = h.claims.wrapping_add(1);
-        h.started = now;
-        let rec = h.rewrite(&raw);
-        let slot = tx.index_timed(queue, id, TaskState::Running, deadline_ms)?;
-        tx.put(queue, id, slot, &rec)?;
-        ev.add(EventKind::TaskStarted, Some(id), Some(h.attempt), None, None);
+        let Some(rec) = rec else { continue };
+        tx.index_timed(queue, id, TaskState::Running, deadline_ms)?;
+        ev.add(EventKind::TaskStarted, Some(id), Some(attempt), None, None);
         tasks.push((id, rec));
     }
     ev.flush(tx, queue, now, cfg.events_max)?;

@@ -196,6 +196,25 @@ impl<'t> Tx<'t> {
         Ok(())
     }
 
+    /// Rewrites a task's record where it lies, with one lookup: `f` gets the stored record and
+    /// answers the new one, stored with `slot`. Answers the new record; `None` when the task has
+    /// none.
+    pub(super) fn rewrite(
+        &mut self,
+        queue: &QueueName,
+        id: TaskId,
+        slot: u64,
+        f: impl FnOnce(&[u8]) -> Result<Vec<u8>>,
+    ) -> Result<Option<Vec<u8>>> {
+        let Some(mut held) = self.tasks.get_mut((q(queue), key(id))).map_err(storage)? else {
+            return Ok(None);
+        };
+        self.dirty = true;
+        let rec = f(held.value().1)?;
+        held.insert((slot, rec.as_slice())).map_err(storage)?;
+        Ok(Some(rec))
+    }
+
     /// Forgets a task's record (its index entry is the caller's to remove).
     pub(super) fn forget(&mut self, queue: &QueueName, id: TaskId) -> Result<()> {
         self.dirty = true;
