@@ -196,8 +196,9 @@ impl<'t> Tx<'t> {
         Ok(())
     }
 
-    /// Rewrites a task's record where it lies, with one lookup: `f` gets the stored record and
-    /// answers the new one, stored with `slot`. Answers the new record; `None` when the task has
+    /// Rewrites a task's record where it lies, with one lookup when it does not grow (a
+    /// claim's rewrite keeps its length): `f` gets the stored record and answers the new one,
+    /// stored with `slot`. Answers the new record; `None` when the task has
     /// none.
     pub(super) fn rewrite(
         &mut self,
@@ -206,12 +207,22 @@ impl<'t> Tx<'t> {
         slot: u64,
         f: impl FnOnce(&[u8]) -> Result<Vec<u8>>,
     ) -> Result<Option<Vec<u8>>> {
-        let Some(mut held) = self.tasks.get_mut((q(queue), key(id))).map_err(storage)? else {
+        let k = (q(queue), key(id));
+        let Some(mut held) = self.tasks.get_mut(k).map_err(storage)? else {
             return Ok(None);
         };
         self.dirty = true;
-        let rec = f(held.value().1)?;
-        held.insert((slot, rec.as_slice())).map_err(storage)?;
+        let raw = held.value().1;
+        let old = raw.len();
+        let rec = f(raw)?;
+        if rec.len() <= old {
+            held.insert((slot, rec.as_slice())).map_err(storage)?;
+        } else {
+            // a replace through the guard never splits its leaf: one grown by a large record
+            // would stay one oversized page, copied whole by every later write to it
+            drop(held);
+            self.tasks.insert(k, (slot, rec.as_slice())).map_err(storage)?;
+        }
         Ok(Some(rec))
     }
 
@@ -874,5 +885,31 @@ mod tests {
         assert_eq!(next_entry_id((1000, 0), 1000), (1000, 1));
         assert_eq!(next_entry_id((1000, 1), 400), (1000, 2), "the clock stepped back");
         assert_eq!(next_entry_id((1000, 2), 1001), (1001, 0));
+    }
+
+    #[test]
+    fn a_rewritten_record_reads_back_whether_it_keeps_its_length_or_grows() {
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        let queue = QueueName::new("q").unwrap();
+        let (a, b) = (TaskId::new(), TaskId::new());
+        {
+            let mut tx = Tx::open(&txn).unwrap();
+            tx.put(&queue, a, 1, b"abcd").unwrap();
+            tx.put(&queue, b, 2, b"wxyz").unwrap();
+            // the same length: replaced in place
+            let same = tx.rewrite(&queue, a, 7, |raw| Ok(raw.to_ascii_uppercase())).unwrap();
+            assert_eq!(same.as_deref(), Some(&b"ABCD"[..]));
+            // longer, by more than a page: inserted, so the leaf splits
+            let big = vec![b'x'; 20_000];
+            let grown = tx.rewrite(&queue, b, 8, |_| Ok(big.clone())).unwrap();
+            assert_eq!(grown.as_deref(), Some(&big[..]));
+            assert_eq!(tx.rewrite(&queue, TaskId::new(), 9, |_| Ok(Vec::new())).unwrap(), None);
+            assert_eq!(tx.record(&queue, a).unwrap(), Some((7, b"ABCD".to_vec())));
+            assert_eq!(tx.record(&queue, b).unwrap(), Some((8, big)));
+        }
+        txn.commit().unwrap();
     }
 }
