@@ -135,10 +135,13 @@ pub(super) fn claim(
     }
     let levels = tx.ready_levels(queue, MAX_PRIORITY_LEVELS)?;
     let mut picked: Vec<(i32, u64, TaskId)> = Vec::new();
-    if cfg.aging_ms == 0 {
+    // strict priority takes each list's head off as it reads it; aging reads the heads first
+    let taken = cfg.aging_ms == 0;
+    if taken {
         for &p in &levels {
             let ask = max - picked.len();
-            picked.extend(tx.ready_head(queue, p, ask)?.into_iter().map(|(pos, id)| (p, pos, id)));
+            let head = tx.take_ready_head(queue, p, ask)?;
+            picked.extend(head.into_iter().map(|(pos, id)| (p, pos, id)));
             if picked.len() >= max {
                 break;
             }
@@ -173,7 +176,9 @@ pub(super) fn claim(
     let mut ev = Events::default();
     let mut tasks = Vec::with_capacity(picked.len());
     for (priority, pos, id) in picked {
-        tx.unindex(queue, id, TaskState::Queued, priority, pos)?;
+        if !taken {
+            tx.unindex(queue, id, TaskState::Queued, priority, pos)?;
+        }
         let mut attempt = 0;
         // the running index's slot is the lease deadline
         let rec = tx.rewrite(queue, id, deadline_ms, |raw| {

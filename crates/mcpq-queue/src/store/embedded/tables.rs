@@ -377,6 +377,33 @@ impl<'t> Tx<'t> {
         Ok(())
     }
 
+    /// Takes up to `n` tasks off the head of the ready list of `priority`, in order: their
+    /// positions and ids. One pass of a cursor that removes what it reads, rather than a read
+    /// of the head and a removal (a descent of the tree) per task.
+    pub(super) fn take_ready_head(
+        &mut self,
+        queue: &QueueName,
+        priority: i32,
+        n: usize,
+    ) -> Result<Vec<(u64, TaskId)>> {
+        let (qb, level) = (q(queue), -i64::from(priority));
+        let mut out = Vec::with_capacity(n.min(1024));
+        let mut head = self
+            .ready
+            .extract_from_if((qb, level, 0)..=(qb, level, u64::MAX), |_, _| true)
+            .map_err(storage)?;
+        for e in head.by_ref().take(n) {
+            let (k, v) = e.map_err(storage)?;
+            out.push((k.value().2, id_of(v.value())));
+        }
+        head.close().map_err(storage)?;
+        if !out.is_empty() {
+            self.dirty = true;
+            self.count_delta(queue, TaskState::Queued, -(out.len() as i64));
+        }
+        Ok(out)
+    }
+
     /// The highest priority levels with queued tasks, highest first, at most `max`.
     pub(super) fn ready_levels(&self, queue: &QueueName, max: usize) -> Result<Vec<i32>> {
         let qb = q(queue);
