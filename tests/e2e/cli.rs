@@ -306,6 +306,17 @@ async fn bench_runs_every_measure_and_accounts_for_every_task() -> Result<()> {
             d["redis_commands_per_task"].is_f64() == redis,
             "Redis figures only for Redis: {d}"
         );
+        // the embedded store's writer thread: a part of mcpq's CPU, and only there
+        let writer = d["writer_cpu_us_per_task"].as_f64();
+        if redis {
+            ensure!(d["writer_cpu_us_per_task"].is_null(), "no writer thread on Redis: {d}");
+        } else {
+            ensure!(
+                writer.is_some_and(|w| w >= 0.0)
+                    && writer <= d["mcpq_cpu_us_per_task"].as_f64().map(|m| m + 1e-9),
+                "the writer's CPU, within mcpq's: {d}"
+            );
+        }
     }
     ensure!(rows("steady").len() == 2, "steady with the most servers, per store: {r}");
     for s in rows("steady") {

@@ -160,6 +160,8 @@ struct DrainRow {
     /// From starting the fleet until every server is connected: not in the rate.
     startup_ms: f64,
     mcpq_cpu_us_per_task: f64,
+    /// Of mcpq's, the embedded store's writer thread (absent for Redis).
+    writer_cpu_us_per_task: Option<f64>,
     server_cpu_us_per_task: f64,
     /// Median of mcpq's CPU per task over the servers' in the same run: steadier than either
     /// as the VM's speed drifts.
@@ -453,6 +455,7 @@ async fn drain_row(
         of_ceiling: median_of(&runs, |r| r.of_ceiling),
         startup_ms: median_of(&runs, |r| r.startup_ms),
         mcpq_cpu_us_per_task: median_of(&runs, |r| r.mcpq_cpu_us_per_task),
+        writer_cpu_us_per_task: median_opt(&runs, |r| r.writer_cpu_us_per_task),
         server_cpu_us_per_task: median_of(&runs, |r| r.server_cpu_us_per_task),
         mcpq_over_servers: median_of(&runs, |r| r.mcpq_cpu_us_per_task / r.server_cpu_us_per_task),
         servers_over_ceiling: median_of(&runs, |r| {
@@ -692,7 +695,7 @@ fn print_report(r: &Report) {
     if !r.drain.is_empty() {
         out("\ndrain: queued tasks → all finished, and what each task cost (medians)");
         out(format_args!(
-            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9}",
+            "{:<10} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9}",
             "store",
             "servers",
             "tasks",
@@ -701,6 +704,7 @@ fn print_report(r: &Report) {
             "in flight",
             "start ms",
             "mcpq µs",
+            "writer µs",
             "server µs",
             "mcpq/srv",
             "srv/ceil",
@@ -712,7 +716,7 @@ fn print_report(r: &Report) {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_owned(), |v| format!("{v:.p$}"));
         for d in &r.drain {
             out(format_args!(
-                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>9.1} {:>8.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9} {:>8} {:>8} {:>9.1}",
+                "{:<10} {:>7} {:>8} {:>9.0} {:>7.2} {:>9.1} {:>8.1} {:>9.1} {:>9} {:>9.1} {:>8.2} {:>8.2} {:>9} {:>8} {:>8} {:>9.1}",
                 d.store.label(),
                 d.servers,
                 d.tasks,
@@ -721,6 +725,7 @@ fn print_report(r: &Report) {
                 d.in_flight,
                 d.startup_ms,
                 d.mcpq_cpu_us_per_task,
+                opt(d.writer_cpu_us_per_task, 1),
                 d.server_cpu_us_per_task,
                 d.mcpq_over_servers,
                 d.servers_over_ceiling,
@@ -736,7 +741,8 @@ fn print_report(r: &Report) {
         out("  ×ceil: each drain over the mean of ceiling runs just before and after it, the");
         out("  median of those ratios; in flight: mean calls in flight, read every ms (the");
         out("  ceiling keeps every slot busy);");
-        out("  µs: CPU per task of mcpq (this process), the servers and Redis; mcpq/srv: mcpq's");
+        out("  µs: CPU per task of mcpq (this process; writer: of that, the embedded store's");
+        out("  writer thread), the servers and Redis; mcpq/srv: mcpq's");
         out("  over the servers' in the same run; srv/ceil: the servers' CPU per task over theirs");
         out("  per call in the ceiling runs beside the drain; cmds: Redis commands per task,");
         out("  scripts' included; trips: client round trips per task");

@@ -10,12 +10,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mcpq_fleet::{Fleet, FleetConfig};
 use mcpq_mcp::{CallMeta, McpClient, Outcome, ServerConfig, requests_in_flight};
+use mcpq_queue::store::embedded::WRITER_THREAD;
 use mcpq_queue::{Completion, EventKind, NewTask, Queue, QueueName, Store, TaskId};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use super::procs::{EchoChild, RedisProc, RedisSample, own_cpu_s, own_memory, reset_peak_memory};
+use super::procs::{
+    EchoChild, RedisProc, RedisSample, own_cpu_s, own_memory, reset_peak_memory, threads_cpu_s,
+};
 
 /// Calls in flight per server: the fleet's default `max_concurrency`, used by the direct
 /// calls too so both see the same concurrency.
@@ -242,6 +245,8 @@ pub(crate) struct DrainRun {
     /// From starting the fleet until every server listed its tools (not in the rate).
     pub(crate) startup_ms: f64,
     pub(crate) mcpq_cpu_us_per_task: f64,
+    /// Of mcpq's, the embedded store's writer thread (absent for Redis).
+    pub(crate) writer_cpu_us_per_task: Option<f64>,
     pub(crate) server_cpu_us_per_task: f64,
     /// Absent for the embedded store.
     pub(crate) redis_cpu_us_per_task: Option<f64>,
@@ -287,6 +292,7 @@ pub(crate) async fn drain<S: Store>(
         None => None,
     };
     let cpu0 = own_cpu_s()?;
+    let writer0 = threads_cpu_s(WRITER_THREAD)?;
     let in_flight = InFlight::start();
     let t0 = Instant::now();
     queue.resume().await?;
@@ -296,6 +302,7 @@ pub(crate) async fn drain<S: Store>(
     let wall = t0.elapsed().as_secs_f64();
     let in_flight = in_flight.mean();
     let cpu = own_cpu_s()? - cpu0;
+    let writer = threads_cpu_s(WRITER_THREAD)?.zip(writer0).map(|(after, before)| after - before);
     let peak = own_memory()?.peak;
     let server = echo.cpu_s()? - server0;
     let redis_used = match (redis, redis0) {
@@ -310,6 +317,7 @@ pub(crate) async fn drain<S: Store>(
         tasks_per_s: accounting.succeeded as f64 / wall,
         startup_ms,
         mcpq_cpu_us_per_task: per(cpu * 1e6),
+        writer_cpu_us_per_task: writer.map(|w| per(w * 1e6)),
         server_cpu_us_per_task: per(server * 1e6),
         redis_cpu_us_per_task: redis_used.map(|r: RedisSample| per(r.cpu_s * 1e6)),
         redis_commands_per_task: redis_used.map(|r| per(r.commands as f64)),

@@ -352,6 +352,24 @@ fn parse_stat(text: &str) -> Option<(&str, f64)> {
     Some((name, ticks / TICKS_PER_S))
 }
 
+/// CPU seconds used so far by this process's threads named `name` (as Linux keeps it: its
+/// first 15 bytes) that are still running; `None` when there are none.
+pub(crate) fn threads_cpu_s(name: &str) -> Result<Option<f64>> {
+    let comm = name.get(..15).unwrap_or(name);
+    let mut total = None;
+    for task in std::fs::read_dir("/proc/self/task").context("cannot list /proc/self/task")? {
+        let stat = task.context("cannot list /proc/self/task")?.path().join("stat");
+        // a thread that ended since the listing is not among those still running
+        let Ok(text) = std::fs::read_to_string(&stat) else { continue };
+        match parse_stat(&text) {
+            Some((n, cpu)) if n == comm => *total.get_or_insert(0.0) += cpu,
+            Some(_) => {}
+            None => bail!("cannot parse {}", stat.display()),
+        }
+    }
+    Ok(total)
+}
+
 /// CPU seconds this process has used: mcpq's (the MCP servers run in another process).
 pub(crate) fn own_cpu_s() -> Result<f64> {
     cpu_of("/proc/self/stat")
@@ -360,6 +378,26 @@ pub(crate) fn own_cpu_s() -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_are_found_by_the_first_15_bytes_of_their_name() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (up_tx, up) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name("bench-probe-thread-x".into())
+            .spawn(move || {
+                // the thread names itself once it runs
+                up_tx.send(()).unwrap();
+                rx.recv()
+            })
+            .unwrap();
+        up.recv().unwrap();
+        let found = threads_cpu_s("bench-probe-thread-x").unwrap();
+        assert!(found.is_some_and(|s| s >= 0.0), "{found:?}");
+        assert_eq!(threads_cpu_s("no-such-thread").unwrap(), None);
+        tx.send(()).unwrap();
+        t.join().unwrap().unwrap();
+    }
 
     #[test]
     fn stat_lines_give_the_name_and_cpu_even_with_parentheses_in_the_name() {

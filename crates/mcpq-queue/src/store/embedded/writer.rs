@@ -369,7 +369,7 @@ impl Writer {
         let progress = Arc::new(Progress::default());
         let shared = progress.clone();
         let thread = std::thread::Builder::new()
-            .name("mcpq-store-writer".into())
+            .name(super::WRITER_THREAD.into())
             .spawn(move || run(&db, rx, &wakers, &shared, commit_txn, &syncs))
             .map_err(|e| Error::Unavailable(Box::new(e)))?;
         Ok(Self { ops, progress, _thread: Joiner(Some(thread)) })
