@@ -742,10 +742,10 @@ fn print_report(r: &Report) {
         out("  median of those ratios; in flight: mean calls in flight, read every ms (the");
         out("  ceiling keeps every slot busy);");
         out("  µs: CPU per task of mcpq (this process; writer: of that, the embedded store's");
-        out("  writer thread), the servers and Redis; mcpq/srv: mcpq's");
-        out("  over the servers' in the same run; srv/ceil: the servers' CPU per task over theirs");
-        out("  per call in the ceiling runs beside the drain; cmds: Redis commands per task,");
-        out("  scripts' included; trips: client round trips per task");
+        out("  writer thread), the servers and Redis; mcpq/srv: mcpq's over the servers' in the");
+        out("  same run; srv/ceil: the servers' CPU per task over theirs per call in the ceiling");
+        out("  runs beside the drain; cmds: Redis commands per task, scripts' included; trips:");
+        out("  client round trips per task");
     }
     if !r.steady.is_empty() {
         out("\nsteady: enqueue at a fixed rate → finish seen by an event subscriber (medians)");
