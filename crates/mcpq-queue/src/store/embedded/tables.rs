@@ -115,7 +115,8 @@ pub(super) struct Tx<'t> {
     /// The next slot at the tail of each list appended to in this transaction: ready lists
     /// by (queue, level), finished lists by (queue, state code). Found once per transaction
     /// rather than by a range lookup per task; an appended slot only has to exceed those in
-    /// the list, and nothing else in a transaction writes past a list's tail.
+    /// the list. Only appends write past a list's tail, and a push to the front of an empty
+    /// ready list, which forgets its cached tail.
     tails: Vec<(QueueName, Tail, u64)>,
     dirty: bool,
 }
@@ -198,8 +199,7 @@ impl<'t> Tx<'t> {
 
     /// Rewrites a task's record where it lies, with one lookup when it does not grow (a
     /// claim's rewrite keeps its length): `f` gets the stored record and answers the new one,
-    /// stored with `slot`. Answers the new record; `None` when the task has
-    /// none.
+    /// stored with `slot`. Answers the new record; `None` when the task has none.
     pub(super) fn rewrite(
         &mut self,
         queue: &QueueName,
@@ -365,6 +365,9 @@ impl<'t> Tx<'t> {
     ) -> Result<()> {
         self.dirty = true;
         let (qb, level) = (q(queue), -i64::from(priority));
+        // a block put on an empty list sits just below MIDDLE, which may be past a tail slot
+        // cached while the list held only entries below it: the next append reads it afresh
+        self.tails.retain(|(q, l, _)| !(*l == Tail::Ready(level) && q == queue));
         let head = self.ready_edge(qb, level, false)?.unwrap_or(MIDDLE);
         let start = head.saturating_sub(block.len() as u64);
         for (i, (id, raw)) in block.iter().enumerate() {
@@ -936,6 +939,40 @@ mod tests {
             assert_eq!(tx.rewrite(&queue, TaskId::new(), 9, |_| Ok(Vec::new())).unwrap(), None);
             assert_eq!(tx.record(&queue, a).unwrap(), Some((7, b"ABCD".to_vec())));
             assert_eq!(tx.record(&queue, b).unwrap(), Some((8, big)));
+        }
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn appends_after_a_block_pushed_onto_an_emptied_list_take_fresh_slots() {
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        let queue = QueueName::new("q").unwrap();
+        let ids: Vec<TaskId> = (0..12).map(|_| TaskId::new()).collect();
+        let block = |r: std::ops::Range<usize>| -> Vec<(TaskId, Vec<u8>)> {
+            ids[r].iter().map(|id| (*id, b"rec".to_vec())).collect()
+        };
+        {
+            let mut tx = Tx::open(&txn).unwrap();
+            // five at the front of an empty list: MIDDLE-5 .. MIDDLE-1
+            tx.push_front(&queue, 0, &block(0..5)).unwrap();
+            // the last two taken out of the middle of the line (as a cancel does)
+            for (id, pos) in [(ids[3], MIDDLE - 2), (ids[4], MIDDLE - 1)] {
+                tx.unindex(&queue, id, TaskState::Queued, 0, pos).unwrap();
+            }
+            // an append after MIDDLE-3, caching MIDDLE-1 as the next tail slot
+            assert_eq!(tx.push_tail(&queue, ids[5], 0).unwrap(), MIDDLE - 2);
+            let took = tx.take_ready_head(&queue, 0, 100).unwrap();
+            assert_eq!(took.len(), 4, "{took:?}");
+            // five more at the front of the now empty list: MIDDLE-5 .. MIDDLE-1 again
+            tx.push_front(&queue, 0, &block(6..11)).unwrap();
+            let pos = tx.push_tail(&queue, ids[11], 0).unwrap();
+            assert_eq!(pos, MIDDLE, "past the block, not onto its last slot");
+            let line: Vec<TaskId> =
+                tx.ready_head(&queue, 0, 100).unwrap().into_iter().map(|(_, id)| id).collect();
+            assert_eq!(line, ids[6..12].to_vec(), "every task in line, in order");
         }
         txn.commit().unwrap();
     }
