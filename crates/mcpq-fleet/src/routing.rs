@@ -3,7 +3,7 @@
 //! tool call, when their tool list is known — offering the tool. The strategy picks among them.
 //! When none qualifies the task waits (it is never failed for it) and the answer says why.
 
-use mcpq_queue::{Call, Route, Strategy};
+use mcpq_queue::{Call, Route, Strategy, Task};
 use rand::Rng;
 use rustc_hash::FxHashSet;
 
@@ -40,6 +40,22 @@ impl ServerView<'_> {
     }
 }
 
+/// Whether [`Router::pick`] finds the same servers able to take tasks `a` and `b` (it may still
+/// pick different ones among them): the same route and, for tool calls, the same tool. Which
+/// servers are able does not depend on their load, so while slots only fill, a task that found
+/// every able server busy answers for the other.
+pub(crate) fn same_servers(a: &Task, b: &Task) -> bool {
+    a.route == b.route && tool(&a.call) == tool(&b.call)
+}
+
+fn tool(call: &Call) -> Option<&str> {
+    match call {
+        Call::Tool { name, .. } => Some(name),
+        // servers list tools only: anything else goes to every candidate alike
+        _ => None,
+    }
+}
+
 /// Why a task cannot be placed now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -73,22 +89,18 @@ impl Router {
             (None, false) => s.tags.iter().any(|t| route.tags.contains(t)),
             (None, true) => true,
         };
-        let able: Vec<usize> = (0..servers.len())
-            .filter(|&i| candidate(&servers[i]) && servers[i].online && servers[i].offers(call))
-            .collect();
-        if able.is_empty() {
-            return Err(
-                if route.server.is_some() && !servers.iter().any(|s| candidate(s) && s.online) {
-                    Wait::PinnedUnavailable
-                } else {
-                    Wait::NoServerOffers
-                },
-            );
-        }
-        let free: Vec<usize> = able.into_iter().filter(|&i| servers[i].has_slot()).collect();
-        if free.is_empty() {
-            return Err(Wait::AllBusy);
-        }
+        let able = |s: &ServerView<'_>| candidate(s) && s.online && s.offers(call);
+        // no vectors: a round asks this for every task it places
+        let free = || (0..servers.len()).filter(|&i| able(&servers[i]) && servers[i].has_slot());
+        let Some(first) = free().next() else {
+            return Err(if servers.iter().any(able) {
+                Wait::AllBusy
+            } else if route.server.is_some() && !servers.iter().any(|s| candidate(s) && s.online) {
+                Wait::PinnedUnavailable
+            } else {
+                Wait::NoServerOffers
+            });
+        };
         let load = |i: usize| {
             // fraction of its slots in use, compared without floats
             let s = &servers[i];
@@ -101,19 +113,18 @@ impl Router {
         Ok(match route.strategy.unwrap_or(fallback) {
             Strategy::RoundRobin => {
                 // the first free server at or after the cursor, in configuration order
-                let i = free.iter().copied().find(|&i| i >= self.next).unwrap_or(free[0]);
+                let i = free().find(|&i| i >= self.next).unwrap_or(first);
                 self.next = i + 1;
                 i
             }
-            Strategy::LeastLoaded => {
-                free.iter().copied().min_by(|&a, &b| lighter(a, b)).unwrap_or(free[0])
-            }
-            Strategy::Priority => free
-                .iter()
-                .copied()
+            Strategy::LeastLoaded => free().min_by(|&a, &b| lighter(a, b)).unwrap_or(first),
+            Strategy::Priority => free()
                 .min_by(|&a, &b| servers[b].weight.cmp(&servers[a].weight).then(lighter(a, b)))
-                .unwrap_or(free[0]),
-            Strategy::Random => free[rng.random_range(0..free.len())],
+                .unwrap_or(first),
+            Strategy::Random => {
+                let n = free().count();
+                free().nth(rng.random_range(0..n)).unwrap_or(first)
+            }
         })
     }
 }
@@ -268,5 +279,74 @@ mod tests {
         let mut f = Fleet::new();
         f.online = vec![false; 4];
         assert_eq!(pick(&f, &Route::default(), Strategy::LeastLoaded), Err(Wait::NoServerOffers));
+    }
+
+    /// What a round counts on when it skips the pick: tasks with the same servers find those
+    /// all busy together, however the fleet is loaded, listed and online.
+    #[test]
+    fn tasks_with_the_same_servers_find_them_busy_together() {
+        let tool = |name: &str| Call::Tool { name: name.into(), arguments: json!({"n": name}) };
+        let resource = |uri: &str| Call::Resource { uri: uri.into() };
+        let routes = [
+            Route::default(),
+            Route { tags: vec!["gpu".into()], ..Route::default() },
+            Route { server: Some("c".into()), ..Route::default() },
+            Route { strategy: Some(Strategy::Random), ..Route::default() },
+        ];
+        let calls = [tool("echo"), tool("echo"), tool("sum"), resource("r://1"), resource("r://2")];
+        let tasks: Vec<Task> = routes
+            .iter()
+            .flat_map(|r| calls.iter().map(move |c| (r.clone(), c.clone())))
+            .map(|(route, call)| Task { route, call, ..crate::shared::tests::task(false) })
+            .collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (mut compared, mut told_apart) = (0, 0);
+        for round in 0..200 {
+            let mut f = Fleet::new();
+            for i in 0..4 {
+                f.load[i] = (rng.random_range(0..=2), 2);
+                f.online[i] = rng.random_range(0..4) > 0;
+                f.tools[i] = match (round + i) % 3 {
+                    0 => None,
+                    1 => Some(["echo".to_owned()].into_iter().collect()),
+                    _ => Some(["echo".to_owned(), "sum".to_owned()].into_iter().collect()),
+                };
+            }
+            let views = f.views();
+            let busy: Vec<bool> = tasks
+                .iter()
+                .map(|t| {
+                    let picked = Router::default().pick(
+                        &t.route,
+                        &t.call,
+                        &views,
+                        Strategy::RoundRobin,
+                        &mut rng,
+                    );
+                    picked == Err(Wait::AllBusy)
+                })
+                .collect();
+            for (a, ta) in tasks.iter().enumerate() {
+                for (b, tb) in tasks.iter().enumerate() {
+                    if same_servers(ta, tb) {
+                        compared += 1;
+                        assert_eq!(
+                            busy[a], busy[b],
+                            "{:?} / {:?} in {:?}",
+                            ta.call, tb.call, f.load
+                        );
+                    } else if busy[a] != busy[b] {
+                        told_apart += 1;
+                    }
+                }
+            }
+        }
+        // the check compared pairs, and the pairs it keeps apart do differ
+        assert!(compared > 0 && told_apart > 0, "{compared} compared, {told_apart} told apart");
+        let echo = &tasks[0];
+        assert!(same_servers(echo, &tasks[1]), "the same tool with other arguments");
+        assert!(!same_servers(echo, &tasks[2]), "another tool");
+        assert!(same_servers(&tasks[3], &tasks[4]), "resources go to every candidate alike");
+        assert!(!same_servers(echo, &tasks[5]), "another route");
     }
 }

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::client_actor::{Caller, MAX_RETRY_AFTER};
 use crate::config::DispatchConfig;
-use crate::routing::{Router, ServerView, Wait};
+use crate::routing::{Router, ServerView, Wait, same_servers};
 use crate::shared::{Counters, Entry, Phase, Settle, Shared};
 
 /// What a drain achieved.
@@ -817,6 +817,9 @@ impl<S: Store> WorkQueueState<S> {
         self.avoid.retain(|_, (_, at, _)| now.duration_since(*at) < Duration::from_secs(60));
         let now_ms = now_ms();
         let fallback = self.cfg.strategy;
+        // views only fill up as the round goes: a task that found every server it could go to
+        // busy stands for every later one with its route and tool, which waits without a pick
+        let mut busy: Vec<Arc<Task>> = Vec::new();
         for id in ids {
             let Some(entry) = ledger.get(&id) else { continue };
             let (task, entry_token, waited) =
@@ -827,18 +830,31 @@ impl<S: Store> WorkQueueState<S> {
                 .get(&id)
                 .and_then(|(name, _, _)| views.iter().position(|v| v.name == &**name))
                 .filter(|&i| views[i].online);
-            if let Some(i) = avoided {
-                views[i].online = false;
-            }
-            let mut pick =
-                self.router.pick(&task.route, &task.call, &views, fallback, &mut self.rng);
-            if let Some(i) = avoided {
-                views[i].online = true;
-                if pick.is_err() {
-                    pick =
-                        self.router.pick(&task.route, &task.call, &views, fallback, &mut self.rng);
+            let pick = if avoided.is_none() && busy.iter().any(|b| same_servers(b, &task)) {
+                Err(Wait::AllBusy)
+            } else {
+                if let Some(i) = avoided {
+                    views[i].online = false;
                 }
-            }
+                let mut pick =
+                    self.router.pick(&task.route, &task.call, &views, fallback, &mut self.rng);
+                if let Some(i) = avoided {
+                    views[i].online = true;
+                    if pick.is_err() {
+                        pick = self.router.pick(
+                            &task.route,
+                            &task.call,
+                            &views,
+                            fallback,
+                            &mut self.rng,
+                        );
+                    }
+                }
+                if pick == Err(Wait::AllBusy) && avoided.is_none() {
+                    busy.push(task.clone());
+                }
+                pick
+            };
             match pick {
                 Ok(i) => {
                     let Some(caller) = &callers[i] else { continue };
