@@ -31,6 +31,7 @@ impl ServerView<'_> {
         self.in_flight < self.max_concurrency
     }
 
+    /// What a server offers is told by the call's tool alone: [`same_servers`] counts on it.
     fn offers(&self, call: &Call) -> bool {
         match (call, self.tools) {
             (Call::Tool { name, .. }, Some(tools)) => tools.contains(name),

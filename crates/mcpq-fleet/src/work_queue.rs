@@ -817,8 +817,10 @@ impl<S: Store> WorkQueueState<S> {
         self.avoid.retain(|_, (_, at, _)| now.duration_since(*at) < Duration::from_secs(60));
         let now_ms = now_ms();
         let fallback = self.cfg.strategy;
-        // views only fill up as the round goes: a task that found every server it could go to
-        // busy stands for every later one with its route and tool, which waits without a pick
+        // views only fill up as the round goes (nothing below frees a slot or takes a server
+        // offline, but for the avoided server's toggle, undone at once): a task that found
+        // every server it could go to busy stands for every later one with its route and
+        // tool, which waits without a pick
         let mut busy: Vec<Arc<Task>> = Vec::new();
         for id in ids {
             let Some(entry) = ledger.get(&id) else { continue };

@@ -294,7 +294,9 @@ impl<'t> Tx<'t> {
     }
 
     /// Takes the next slot at the tail of `list` of `queue`: from the cache, or `first` (read
-    /// from the table) the first time in this transaction.
+    /// from the table) the first time in this transaction. The cache holds while only appends
+    /// write past a list's last entry: any other insert must drop it, as `push_front` does
+    /// (`push_tail` and `index_finished` check their slot in debug builds).
     fn take_tail(
         &mut self,
         queue: &QueueName,
@@ -332,6 +334,10 @@ impl<'t> Tx<'t> {
         let seq = self.take_tail(queue, Tail::Finished(code), |tx| {
             Ok(tx.finished_last(qb, code)?.map_or(0, |last| last.saturating_add(1)))
         })?;
+        if cfg!(debug_assertions) {
+            let last = self.finished_last(qb, code)?;
+            debug_assert!(last.is_none_or(|l| l < seq), "finish slot {seq} not past {last:?}");
+        }
         self.finished.insert((qb, code, seq), key(id)).map_err(storage)?;
         self.count_delta(queue, state, 1);
         Ok(seq)
@@ -349,6 +355,10 @@ impl<'t> Tx<'t> {
         let pos = self.take_tail(queue, Tail::Ready(level), |tx| {
             Ok(tx.ready_edge(qb, level, true)?.map_or(MIDDLE, |last| last.saturating_add(1)))
         })?;
+        if cfg!(debug_assertions) {
+            let last = self.ready_edge(qb, level, true)?;
+            debug_assert!(last.is_none_or(|l| l < pos), "ready slot {pos} not past {last:?}");
+        }
         self.ready.insert((qb, level, pos), key(id)).map_err(storage)?;
         self.count_delta(queue, TaskState::Queued, 1);
         self.ready_in(queue);
@@ -395,13 +405,25 @@ impl<'t> Tx<'t> {
             .ready
             .extract_from_if((qb, level, 0)..=(qb, level, u64::MAX), |_, _| true)
             .map_err(storage)?;
-        for e in head.by_ref().take(n) {
+        let read = head.by_ref().take(n).try_for_each(|e| {
             let (k, v) = e.map_err(storage)?;
             out.push((k.value().2, id_of(v.value())));
-        }
-        head.close().map_err(storage)?;
-        if !out.is_empty() {
+            Ok(())
+        });
+        let taken = match read {
+            Ok(()) => head.close().map_err(storage),
+            Err(e) => {
+                drop(head);
+                Err(e)
+            }
+        };
+        // what the cursor handed out is gone even when a later step fails, so a failure here
+        // leaves writes behind too: the writer redoes the batch without this operation
+        if taken.is_err() || !out.is_empty() {
             self.dirty = true;
+        }
+        taken?;
+        if !out.is_empty() {
             self.count_delta(queue, TaskState::Queued, -(out.len() as i64));
         }
         Ok(out)
