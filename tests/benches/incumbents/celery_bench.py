@@ -156,11 +156,13 @@ def start_worker(args, sock, queue, dir):
     for f in ("ready", "done"):
         if os.path.exists(os.path.join(dir, f)):
             os.remove(os.path.join(dir, f))
-    return subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "celery"), "-A", "celery_bench", "worker",
-         "-Q", queue, "-P", args.pool, "-c", str(args.concurrency), "--without-gossip",
-         "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(dir, f"worker-{queue}.log"), "w"))
+    # the worker keeps its own descriptor of the log
+    with open(os.path.join(dir, f"worker-{queue}.log"), "w") as log:
+        return subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "celery"), "-A", "celery_bench",
+             "worker", "-Q", queue, "-P", args.pool, "-c", str(args.concurrency),
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
 def stop(proc):
