@@ -128,6 +128,26 @@ impl Router {
             }
         })
     }
+
+    /// [`Self::pick`], with the server at `last_resort` (one that just refused the task
+    /// undelivered) tried only when no other can take the task.
+    pub fn pick_avoiding(
+        &mut self,
+        route: &Route,
+        call: &Call,
+        servers: &mut [ServerView<'_>],
+        last_resort: Option<usize>,
+        fallback: Strategy,
+        rng: &mut impl Rng,
+    ) -> Result<usize, Wait> {
+        let Some(i) = last_resort else {
+            return self.pick(route, call, servers, fallback, rng);
+        };
+        servers[i].online = false;
+        let pick = self.pick(route, call, servers, fallback, rng);
+        servers[i].online = true;
+        pick.or_else(|_| self.pick(route, call, servers, fallback, rng))
+    }
 }
 
 #[cfg(test)]
@@ -280,6 +300,21 @@ mod tests {
         let mut f = Fleet::new();
         f.online = vec![false; 4];
         assert_eq!(pick(&f, &Route::default(), Strategy::LeastLoaded), Err(Wait::NoServerOffers));
+    }
+
+    #[test]
+    fn a_server_picked_last_is_used_only_when_no_other_can_take_the_task() {
+        let mut f = Fleet::new();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut r = Router::default();
+        let (route, ll) = (Route::default(), Strategy::LeastLoaded);
+        let mut views = f.views();
+        assert_eq!(r.pick_avoiding(&route, &echo(), &mut views, Some(0), ll, &mut rng), Ok(1));
+        assert!(views[0].online, "its view is given back as it was");
+        f.load = vec![(0, 4), (4, 4), (4, 4), (4, 4)];
+        let mut views = f.views();
+        assert_eq!(r.pick_avoiding(&route, &echo(), &mut views, Some(0), ll, &mut rng), Ok(0));
+        assert_eq!(r.pick_avoiding(&route, &echo(), &mut views, None, ll, &mut rng), Ok(0));
     }
 
     /// What a round counts on when it skips the pick: tasks with the same servers find those

@@ -835,23 +835,15 @@ impl<S: Store> WorkQueueState<S> {
             let pick = if avoided.is_none() && busy.iter().any(|b| same_servers(b, &task)) {
                 Err(Wait::AllBusy)
             } else {
-                if let Some(i) = avoided {
-                    views[i].online = false;
-                }
-                let mut pick =
-                    self.router.pick(&task.route, &task.call, &views, fallback, &mut self.rng);
-                if let Some(i) = avoided {
-                    views[i].online = true;
-                    if pick.is_err() {
-                        pick = self.router.pick(
-                            &task.route,
-                            &task.call,
-                            &views,
-                            fallback,
-                            &mut self.rng,
-                        );
-                    }
-                }
+                let (route, call) = (&task.route, &task.call);
+                let pick = (self.router).pick_avoiding(
+                    route,
+                    call,
+                    &mut views,
+                    avoided,
+                    fallback,
+                    &mut self.rng,
+                );
                 if pick == Err(Wait::AllBusy) && avoided.is_none() {
                     busy.push(task.clone());
                 }
