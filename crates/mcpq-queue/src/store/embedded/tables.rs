@@ -939,11 +939,16 @@ mod tests {
         assert_eq!(next_entry_id((1000, 2), 1001), (1001, 0));
     }
 
+    /// A database in memory, for a transaction's worth of table work.
+    fn scratch() -> redb::Database {
+        redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .unwrap()
+    }
+
     #[test]
     fn a_rewritten_record_reads_back_whether_it_keeps_its_length_or_grows() {
-        let db = redb::Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .unwrap();
+        let db = scratch();
         let txn = db.begin_write().unwrap();
         let queue = QueueName::new("q").unwrap();
         let (a, b) = (TaskId::new(), TaskId::new());
@@ -967,9 +972,7 @@ mod tests {
 
     #[test]
     fn appends_after_a_block_pushed_onto_an_emptied_list_take_fresh_slots() {
-        let db = redb::Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .unwrap();
+        let db = scratch();
         let txn = db.begin_write().unwrap();
         let queue = QueueName::new("q").unwrap();
         let ids: Vec<TaskId> = (0..12).map(|_| TaskId::new()).collect();
