@@ -49,6 +49,7 @@ async function startRedis() {
     { stdio: 'ignore' },
   );
   const probe = new IORedis({ path: socket, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+  // refused connections while the server starts are expected: the loop below retries them
   probe.on('error', () => {});
   for (let i = 0; ; i++) {
     try {
