@@ -410,13 +410,8 @@ impl<'t> Tx<'t> {
             out.push((k.value().2, id_of(v.value())));
             Ok(())
         });
-        let taken = match read {
-            Ok(()) => head.close().map_err(storage),
-            Err(e) => {
-                drop(head);
-                Err(e)
-            }
-        };
+        // closed only after a clean read; on a failed one it is dropped with the closure
+        let taken = read.and_then(|()| head.close().map_err(storage));
         // what the cursor handed out is gone even when a later step fails, so a failure here
         // leaves writes behind too: the writer redoes the batch without this operation
         if taken.is_err() || !out.is_empty() {
