@@ -236,16 +236,12 @@ function median(xs) {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
-const bullmqVersion = (() => {
-  try {
-    const file = new URL('./node_modules/bullmq/package.json', import.meta.url);
-    return JSON.parse(readFileSync(file, 'utf8')).version;
-  } catch {
-    return null;
-  }
-})();
+// installed beside this file by incumbents.sh, as the imports above are
+const bullmqVersion = JSON.parse(
+  readFileSync(new URL('./node_modules/bullmq/package.json', import.meta.url), 'utf8'),
+).version;
 console.log(
-  `BullMQ ${bullmqVersion ?? '(version unknown)'}, node ${process.versions.node}: ${TASKS} no-op jobs, ` +
+  `BullMQ ${bullmqVersion}, node ${process.versions.node}: ${TASKS} no-op jobs, ` +
     `${PRODUCERS} producers in batches of ${ENQUEUE_BATCH}, one worker of concurrency ${CONCURRENCY}` +
     `${PRIORITY ? ', every job with a priority' : ''}`,
 );
