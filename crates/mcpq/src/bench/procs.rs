@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use mcpq_os::{Stat, threads_named};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -337,37 +338,16 @@ pub(crate) fn reset_peak_memory() {
 
 /// User + system CPU seconds from a `stat` file of `/proc`.
 fn cpu_of(stat: &str) -> Result<f64> {
-    let text = std::fs::read_to_string(stat).with_context(|| format!("cannot read {stat}"))?;
-    Ok(parse_stat(&text).with_context(|| format!("cannot parse {stat}"))?.1)
-}
-
-/// (command name, CPU seconds) of a `stat` line.
-fn parse_stat(text: &str) -> Option<(&str, f64)> {
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let name = text.get(open + 1..close)?;
-    // the fields after the name; utime and stime are the 12th and 13th
-    let f: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some((name, ticks / TICKS_PER_S))
+    let s = Stat::read(stat).with_context(|| format!("cannot read {stat}"))?;
+    Ok(s.cpu_ticks as f64 / TICKS_PER_S)
 }
 
 /// CPU seconds used so far by this process's threads named `name` (as Linux keeps it: its
 /// first 15 bytes) that are still running; `None` when there are none.
 pub(crate) fn threads_cpu_s(name: &str) -> Result<Option<f64>> {
-    let comm = name.get(..15).unwrap_or(name);
-    let mut total = None;
-    for task in std::fs::read_dir("/proc/self/task").context("cannot list /proc/self/task")? {
-        let stat = task.context("cannot list /proc/self/task")?.path().join("stat");
-        // a thread that ended since the listing is not among those still running
-        let Ok(text) = std::fs::read_to_string(&stat) else { continue };
-        match parse_stat(&text) {
-            Some((n, cpu)) if n == comm => *total.get_or_insert(0.0) += cpu,
-            Some(_) => {}
-            None => bail!("cannot parse {}", stat.display()),
-        }
-    }
-    Ok(total)
+    let found = threads_named(name).context("cannot read /proc/self/task")?;
+    let ticks = found.iter().map(|s| s.cpu_ticks).sum::<u64>();
+    Ok((!found.is_empty()).then(|| ticks as f64 / TICKS_PER_S))
 }
 
 /// CPU seconds this process has used: mcpq's (the MCP servers run in another process).
@@ -397,15 +377,6 @@ mod tests {
         assert_eq!(threads_cpu_s("no-such-thread").unwrap(), None);
         tx.send(()).unwrap();
         t.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn stat_lines_give_the_name_and_cpu_even_with_parentheses_in_the_name() {
-        let line = "123 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
-        let (name, cpu) = parse_stat(line).unwrap();
-        assert_eq!(name, "a (b) c");
-        assert!((cpu - 3.0).abs() < 1e-9, "{cpu}");
-        assert!(parse_stat("garbage").is_none());
     }
 
     #[test]
