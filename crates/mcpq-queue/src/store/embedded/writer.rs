@@ -30,9 +30,9 @@
 //! mode, as answers went out for commits whose sync it can no longer vouch for.
 //!
 //! The thread runs under Linux's batch policy (`SCHED_BATCH`, its nice value kept): woken while
-//! the CPUs are busy, it waits for the running thread's slice to end rather than preempting it,
-//! and the threads it would have preempted are the ones whose calls feed it, so it then takes
-//! a larger batch for a smaller cost per task; on an idle CPU it runs at once.
+//! the CPUs are busy, it waits for the running thread's slice to end rather than preempting it
+//! (most often a thread whose calls feed it), and meanwhile more operations join its batch, so
+//! each costs less; on an idle CPU it runs at once.
 //!
 //! Each operation is all-or-nothing on its own. One that fails before writing anything is
 //! answered with its error and the batch carries on. One that fails after writing (corrupt
@@ -377,7 +377,7 @@ impl Writer {
             .name(super::WRITER_THREAD.into())
             .spawn(move || {
                 // a batch thread: woken while the CPUs are busy, it waits for a slice instead of
-                // preempting the threads whose calls feed it, and takes a larger batch
+                // preempting the running thread, and takes a larger batch (module comment)
                 if let Err(e) = mcpq_os::batch_current_thread() {
                     tracing::warn!(error = %e, "the store's writer keeps the default policy");
                 }
