@@ -143,10 +143,13 @@ impl Router {
         let Some(i) = last_resort else {
             return self.pick(route, call, servers, fallback, rng);
         };
-        servers[i].online = false;
+        let online = std::mem::replace(&mut servers[i].online, false);
         let pick = self.pick(route, call, servers, fallback, rng);
-        servers[i].online = true;
-        pick.or_else(|_| self.pick(route, call, servers, fallback, rng))
+        servers[i].online = online;
+        match pick {
+            Err(_) if online => self.pick(route, call, servers, fallback, rng),
+            pick => pick,
+        }
     }
 }
 

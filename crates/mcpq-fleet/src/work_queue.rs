@@ -835,10 +835,9 @@ impl<S: Store> WorkQueueState<S> {
             let pick = if avoided.is_none() && busy.iter().any(|b| same_servers(b, &task)) {
                 Err(Wait::AllBusy)
             } else {
-                let (route, call) = (&task.route, &task.call);
-                let pick = (self.router).pick_avoiding(
-                    route,
-                    call,
+                let pick = self.router.pick_avoiding(
+                    &task.route,
+                    &task.call,
                     &mut views,
                     avoided,
                     fallback,
