@@ -527,6 +527,55 @@ async fn work_claimed_ahead_is_capped_and_each_task_runs_once() -> Result<()> {
     Ok(())
 }
 
+/// Calls that finish while the store does not answer free slots, and work claimed ahead takes
+/// them at once: the WorkQueue does not wait for the store's answer to refill them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_freed_while_the_store_stalls_take_the_work_claimed_ahead() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let store = redis.store(&[]).await?;
+    let s = McpServer::start(Mode::Stateless).await?;
+    let mut cfg = fleet_config(vec![server("s", &s, 4)], health(), 30_000);
+    cfg.dispatch.prefetch_ms = 10_000;
+    cfg.dispatch.max_batch = 32;
+    // sweeps and lease renewals wait for the store in the WorkQueue's turn: none falls in
+    // the stall
+    cfg.dispatch.reap_interval_ms = 60_000;
+    // parked tasks wait out the stall rather than go back to the store
+    cfg.dispatch.wait_ms = 10_000;
+    let fleet = Fleet::start(store.clone(), cfg).await?;
+    let tasks: Vec<NewTask> = (0..300).map(|_| slow(20, true)).collect();
+    let ids = enqueue(&store, &tasks).await?;
+    // four calls run and, once the pace is known, up to 32 tasks wait parked ahead of them
+    eventually(Duration::from_secs(30), "work claimed ahead", || async {
+        Ok((fleet.held() >= 28).then_some(()))
+    })
+    .await?;
+    redis.pause()?;
+    let before = s.executions().len();
+    // the round that starts once the running calls finish fills their four slots, then waits
+    // for redis with its claim; every call past those starts from a slot freed meanwhile
+    let most = std::cell::Cell::new(0);
+    let started =
+        eventually(Duration::from_secs(5), "calls started while redis is stopped", || {
+            most.set(s.executions().len() - before);
+            let n = most.get();
+            async move { Ok((n >= 16).then_some(n)) }
+        })
+        .await;
+    redis.resume()?;
+    println!("calls started while redis was stopped: {}", most.get());
+    started?;
+    wait_succeeded(&store, tasks.len() as u64, "every task succeeded").await?;
+
+    let r = settle(&store, &QueueName::default(), &ids, Duration::from_secs(10), || s.executions())
+        .await?;
+    assert_accounted(&r, &ids.iter().copied().collect());
+    assert!(r.duplicated.is_empty(), "tasks ran twice: {:?}", r.duplicated);
+    assert_eq!(fleet.stats().released, 0, "tasks claimed ahead were handed back");
+    fleet.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_actors_are_restarted_and_no_task_is_lost() -> Result<()> {
     mcpq_tests::init_logs();

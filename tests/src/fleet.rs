@@ -75,15 +75,7 @@ impl Node {
     }
 
     fn signal(&self, sig: &str) -> Result<()> {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .stderr(Stdio::null())
-            .status()?;
-        if !ok.success() {
-            bail!("kill -{sig} {} failed", self.pid());
-        }
-        Ok(())
+        crate::signal(self.pid(), sig)
     }
 
     /// SIGKILL, as a crash would, and reaps the process.

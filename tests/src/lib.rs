@@ -106,6 +106,16 @@ impl RedisServer {
         Ok(RedisStore::open(&cfg, QueueConfigs::new(named)).await?)
     }
 
+    /// SIGSTOP: the server freezes, its connections stay open and every command waits.
+    pub fn pause(&self) -> Result<()> {
+        signal(self.child.id(), "STOP")
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) -> Result<()> {
+        signal(self.child.id(), "CONT")
+    }
+
     /// Stops the server at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -120,6 +130,19 @@ impl Drop for RedisServer {
         }
         self.kill();
     }
+}
+
+/// Sends `sig` (a name such as `STOP`) to process `pid`.
+pub(crate) fn signal(pid: u32, sig: &str) -> Result<()> {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()?;
+    if !ok.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
 }
 
 /// Sends the code's logs to the test's output (shown for failing tests), filtered by

@@ -5,7 +5,7 @@
 //! for a few lookups and never across an await; the lock order is servers, then ledger.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use mcpq_queue::{ClaimToken, QueueName, Task, TaskId};
 use ractor::ActorRef;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 use tokio::task::AbortHandle;
 
 use crate::client_actor::{Caller, ClientMsg};
@@ -146,6 +146,11 @@ impl Ledger {
 
     pub(crate) fn load(&self, server: &str) -> u32 {
         self.load.get(server).copied().unwrap_or(0)
+    }
+
+    /// Calls in flight on every server.
+    pub(crate) fn sent(&self) -> u32 {
+        self.load.values().sum()
     }
 
     pub(crate) fn parked(&self) -> usize {
@@ -435,6 +440,11 @@ pub(crate) struct Shared {
     servers: RwLock<Vec<ServerInfo>>,
     refs: Mutex<Refs>,
     pump_pending: AtomicBool,
+    /// Wake-ups since the WorkQueue last placed tasks; the `fill_at`th rings `woken`, and a
+    /// round waiting for the store places parked tasks in the slots that freed meanwhile.
+    wakes: AtomicU32,
+    fill_at: AtomicU32,
+    pub(crate) woken: Notify,
     pub(crate) events: broadcast::Sender<ServerEvent>,
     pub(crate) counters: Counters,
 }
@@ -453,6 +463,9 @@ impl Shared {
             servers: RwLock::new(servers.into_iter().map(ServerInfo::new).collect()),
             refs: Mutex::new(Refs::default()),
             pump_pending: AtomicBool::new(false),
+            wakes: AtomicU32::new(0),
+            fill_at: AtomicU32::new(1),
+            woken: Notify::new(),
             events: broadcast::channel(1024).0,
             counters: Counters::default(),
         })
@@ -479,8 +492,12 @@ impl Shared {
         self.servers_mut().iter_mut().find(|s| s.cfg.name == name).map(f)
     }
 
-    /// Wakes the WorkQueue; many wake-ups before it runs make one.
+    /// Wakes the WorkQueue; many wake-ups before it runs make one. A round waiting for the
+    /// store hears of them in batches, through `woken` (see [`Self::placing`]).
     pub(crate) fn pump(&self) {
+        if self.wakes.fetch_add(1, Ordering::AcqRel) + 1 == self.fill_at.load(Ordering::Acquire) {
+            self.woken.notify_one();
+        }
         if self.pump_pending.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -489,6 +506,18 @@ impl Shared {
             // no WorkQueue now: the next one pumps when it starts
             self.pump_pending.store(false, Ordering::Release);
         }
+    }
+
+    /// The most wake-ups before `woken` rings: slots refill in batches of up to this many,
+    /// as a wake-up for each finished call would cost the WorkQueue more than it gains.
+    const FILL_BATCH: u32 = 8;
+
+    /// Called by the WorkQueue as it places tasks, with `sent` calls in flight: the wake-ups
+    /// so far are answered, and `woken` rings after an eighth of those calls (up to
+    /// [`Self::FILL_BATCH`], at least one) finish, so it rings while some still run.
+    pub(crate) fn placing(&self, sent: u32) {
+        self.fill_at.store((sent / 8).clamp(1, Self::FILL_BATCH), Ordering::Release);
+        self.wakes.store(0, Ordering::Release);
     }
 
     /// Called by the WorkQueue when a pump starts: later wake-ups send a new message.

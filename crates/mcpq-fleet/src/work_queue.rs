@@ -8,7 +8,8 @@
 //! again: a store that can ([`Store::waits_for_claims`], the embedded one) keeps a claim
 //! waiting for that queue's tasks and hands them over in the step that makes them ready, before
 //! its sync; on another, a doorbell watches the queue's event stream. All its facts live in the
-//! shared ledger, so a restarted WorkQueue carries on where the crashed one stopped.
+//! shared ledger, so a restarted WorkQueue carries on where the crashed one stopped. The work
+//! claimed ahead fills slots as calls finish, even while a round waits for the store.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -74,7 +75,7 @@ struct Draining {
 pub(crate) struct WorkQueueState<S: Store> {
     store: S,
     shared: Arc<Shared>,
-    queues: Vec<QueueName>,
+    queues: Arc<[QueueName]>,
     cfg: DispatchConfig,
     router: Router,
     rng: StdRng,
@@ -188,7 +189,7 @@ impl<S: Store> Actor for WorkQueue<S> {
         Ok(WorkQueueState {
             store: args.store,
             shared: args.shared,
-            queues: args.queues,
+            queues: args.queues.into(),
             cfg,
             router: Router::default(),
             rng: StdRng::from_os_rng(),
@@ -585,12 +586,49 @@ async fn write_all<S: Store>(
     out
 }
 
+/// A round's claim: up to `credits` tasks, at most `max_batch` per queue, visiting the queues
+/// in turn from `first`. Answers, per queue index, what it took and how many tasks it came up
+/// short (a queue whose claim failed is left out), and whether a queue had more than was asked
+/// of it.
+async fn claim_for<S: Store>(
+    store: &S,
+    queues: &[QueueName],
+    first: usize,
+    mut credits: usize,
+    max_batch: usize,
+    lease: Duration,
+) -> (Vec<(usize, Vec<Claimed>, usize)>, bool) {
+    let mut out = Vec::new();
+    let mut more = false;
+    let n = queues.len();
+    for k in 0..n {
+        if credits == 0 {
+            break;
+        }
+        let i = (first + k) % n;
+        let want = credits.min(max_batch);
+        let claimed = match store.claim(&queues[i], want, lease).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(queue = %queues[i], error = %e, "claim failed");
+                continue;
+            }
+        };
+        credits -= claimed.len().min(credits);
+        let short = want - claimed.len().min(want);
+        more |= short == 0;
+        out.push((i, claimed, short));
+    }
+    (out, more)
+}
+
 impl<S: Store> WorkQueueState<S> {
     /// One round: records what finished and claims for the free slots in one go (the writes
     /// and the claim travel together, so a round waits for one round trip, not two), then
     /// places what came. The claimed tasks are placed as soon as they come, while the writes
     /// may still be on their way: the embedded store answers a claim before the commit its
-    /// batch's writes wait for.
+    /// batch's writes wait for. Slots that free while the round waits for the store take
+    /// parked tasks meanwhile, a few finished calls at a time.
     async fn pump(&mut self, myself: &ActorRef<WorkQueueMsg>) {
         self.shared.pumped();
         let stopping = self.draining.is_some() || self.stopped;
@@ -605,7 +643,9 @@ impl<S: Store> WorkQueueState<S> {
         let mut writes = std::pin::pin!(write_all(self.store.clone(), writes));
         let mut recorded = None;
         let (claimed, more) = {
-            let claim = self.claim_for(credits);
+            let (store, queues) = (self.store.clone(), self.queues.clone());
+            let (max_batch, lease) = (self.cfg.max_batch, self.cfg.lease());
+            let claim = claim_for(&store, &queues, self.next_queue, credits, max_batch, lease);
             tokio::pin!(claim);
             loop {
                 tokio::select! {
@@ -613,11 +653,19 @@ impl<S: Store> WorkQueueState<S> {
                     biased;
                     r = &mut writes, if recorded.is_none() => recorded = Some(r),
                     c = &mut claim => break c,
+                    // a call finished: its slot takes a parked task now, not after the claim
+                    () = self.shared.woken.notified(), if !stopping => {
+                        settled_here |= self.place_free();
+                    }
                 }
             }
         };
-        for (i, tasks) in claimed {
-            settled_here |= self.admit(&self.queues[i].clone(), tasks);
+        let queues = self.queues.clone();
+        for (i, tasks, short) in claimed {
+            if short > 0 {
+                self.watch(i, short);
+            }
+            settled_here |= self.admit(&queues[i], tasks);
         }
         if !stopping {
             self.next_queue = self.next_queue.wrapping_add(1);
@@ -631,6 +679,10 @@ impl<S: Store> WorkQueueState<S> {
                 tokio::select! {
                     biased;
                     r = &mut writes => break r,
+                    // a call finished: its slot takes a parked task now, not after the sync
+                    () = self.shared.woken.notified(), if !stopping => {
+                        settled_here |= self.place_free();
+                    }
                     Some(a) = self.arrivals.rx.recv() => {
                         settled_here |= self.arrived(a);
                         settled_here |= !stopping && self.place();
@@ -659,37 +711,6 @@ impl<S: Store> WorkQueueState<S> {
             // expiries and tasks no server can take are recorded by the next round, at once
             self.shared.pump();
         }
-    }
-
-    /// Claims up to `credits` tasks, visiting the queues in turn; answers the claims per queue
-    /// index, and whether a queue had more than was asked of it. A queue that had less is
-    /// watched: a claim waits in the store for its tasks, or its doorbell is armed.
-    async fn claim_for(&mut self, mut credits: usize) -> (Vec<(usize, Vec<Claimed>)>, bool) {
-        let mut out = Vec::new();
-        let mut more = false;
-        let n = self.queues.len();
-        for k in 0..n {
-            if credits == 0 {
-                break;
-            }
-            let i = (self.next_queue + k) % n;
-            let want = credits.min(self.cfg.max_batch);
-            let claimed = match self.store.claim(&self.queues[i], want, self.cfg.lease()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(queue = %self.queues[i], error = %e, "claim failed");
-                    continue;
-                }
-            };
-            credits -= claimed.len().min(credits);
-            if claimed.len() == want {
-                more = true;
-            } else {
-                self.watch(i, want - claimed.len());
-            }
-            out.push((i, claimed));
-        }
-        (out, more)
     }
 
     /// Watches queue `i`, whose claim came up `short` tasks short: with a store that waits for
@@ -790,8 +811,19 @@ impl<S: Store> WorkQueueState<S> {
     /// Routes parked tasks: to a server's actor, back to the store to wait, or left parked
     /// while every server that could take them is busy.
     fn place(&mut self) -> bool {
+        self.place_where(false)
+    }
+
+    /// [`place`](Self::place), stopping once no server has a free slot: for the calls that
+    /// finish while a round waits, each of which frees one.
+    fn place_free(&mut self) -> bool {
+        self.place_where(true)
+    }
+
+    fn place_where(&mut self, only_free: bool) -> bool {
         let servers = self.shared.servers();
         let mut ledger = self.shared.ledger();
+        self.shared.placing(ledger.sent());
         let ids = ledger.parked_ids();
         if ids.is_empty() {
             return false;
@@ -813,6 +845,14 @@ impl<S: Store> WorkQueueState<S> {
                 tools: s.tools.as_ref().map(|t| &t.names),
             })
             .collect();
+        let mut free: u32 = views
+            .iter()
+            .filter(|v| v.online)
+            .map(|v| v.max_concurrency.saturating_sub(v.in_flight))
+            .sum();
+        if only_free && free == 0 {
+            return false;
+        }
         let now = Instant::now();
         self.avoid.retain(|_, (_, at, _)| now.duration_since(*at) < Duration::from_secs(60));
         let now_ms = now_ms();
@@ -856,6 +896,10 @@ impl<S: Store> WorkQueueState<S> {
                     if ledger.send(id, caller.name(), call) {
                         views[i].in_flight += 1;
                         Counters::add(&self.shared.counters.dispatched, 1);
+                        free = free.saturating_sub(1);
+                        if only_free && free == 0 {
+                            break;
+                        }
                     }
                 }
                 // held while a slot may free soon; past wait_ms other replicas get a chance
@@ -1042,7 +1086,7 @@ impl<S: Store> WorkQueueState<S> {
     async fn sweep(&mut self) {
         self.sweeps += 1;
         let mut woke = false;
-        for q in &self.queues {
+        for q in self.queues.iter() {
             match self.store.promote_due(q, 1000).await {
                 Ok(n) => woke |= n > 0,
                 Err(e) => tracing::warn!(queue = %q, error = %e, "promote failed"),
