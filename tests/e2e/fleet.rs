@@ -537,9 +537,6 @@ async fn slots_freed_while_the_store_stalls_take_the_work_claimed_ahead() -> Res
     let mut cfg = fleet_config(vec![server("s", &s, 4)], health(), 30_000);
     cfg.dispatch.prefetch_ms = 10_000;
     cfg.dispatch.max_batch = 32;
-    // sweeps and lease renewals wait for the store in the WorkQueue's turn: none falls in
-    // the stall
-    cfg.dispatch.reap_interval_ms = 60_000;
     // parked tasks wait out the stall rather than go back to the store
     cfg.dispatch.wait_ms = 10_000;
     let fleet = Fleet::start(store.clone(), cfg).await?;
@@ -553,7 +550,8 @@ async fn slots_freed_while_the_store_stalls_take_the_work_claimed_ahead() -> Res
     redis.pause()?;
     let before = s.executions().len();
     // the round that starts once the running calls finish fills their four slots, then waits
-    // for redis with its claim; every call past those starts from a slot freed meanwhile
+    // for redis with its claim, as the sweeps (every 100 ms here) wait for it with theirs;
+    // every call past those starts from a slot freed meanwhile
     let most = std::cell::Cell::new(0);
     let started =
         eventually(Duration::from_secs(5), "calls started while redis is stopped", || {

@@ -1064,10 +1064,29 @@ impl<S: Store> WorkQueueState<S> {
         }
     }
 
+    /// Awaits `call`, a call to the store, placing parked tasks in the slots that free
+    /// meanwhile, as a round does while it waits.
+    async fn meanwhile<T>(&mut self, call: impl Future<Output = T>) -> T {
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut call => return out,
+                () = self.shared.woken.notified(), if self.draining.is_none() && !self.stopped => {
+                    // expiries and tasks no server can take are recorded by the next round
+                    if self.place_free() {
+                        self.shared.pump();
+                    }
+                }
+            }
+        }
+    }
+
     async fn renew(&mut self) {
         let leases = self.shared.ledger().leases();
+        let store = self.store.clone();
         for (queue, items) in leases {
-            match self.store.renew(&queue, &items, self.cfg.lease()).await {
+            match self.meanwhile(store.renew(&queue, &items, self.cfg.lease())).await {
                 Ok(held) => {
                     let mut ledger = self.shared.ledger();
                     for ((id, token), ok) in items.iter().zip(held) {
@@ -1086,12 +1105,13 @@ impl<S: Store> WorkQueueState<S> {
     async fn sweep(&mut self) {
         self.sweeps += 1;
         let mut woke = false;
-        for q in self.queues.iter() {
-            match self.store.promote_due(q, 1000).await {
+        let (store, queues) = (self.store.clone(), self.queues.clone());
+        for q in queues.iter() {
+            match self.meanwhile(store.promote_due(q, 1000)).await {
                 Ok(n) => woke |= n > 0,
                 Err(e) => tracing::warn!(queue = %q, error = %e, "promote failed"),
             }
-            match self.store.reap_expired(q, 1000).await {
+            match self.meanwhile(store.reap_expired(q, 1000)).await {
                 Ok(n) if n > 0 => {
                     woke = true;
                     tracing::info!(queue = %q, tasks = n, "expired leases taken back");
@@ -1100,7 +1120,7 @@ impl<S: Store> WorkQueueState<S> {
                 Err(e) => tracing::warn!(queue = %q, error = %e, "reap failed"),
             }
             if self.sweeps.is_multiple_of(60)
-                && let Err(e) = self.store.trim(q).await
+                && let Err(e) = self.meanwhile(store.trim(q)).await
             {
                 tracing::warn!(queue = %q, error = %e, "trim failed");
             }
