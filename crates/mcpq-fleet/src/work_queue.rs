@@ -631,7 +631,7 @@ impl<S: Store> WorkQueueState<S> {
     /// parked tasks meanwhile, a few finished calls at a time.
     async fn pump(&mut self, myself: &ActorRef<WorkQueueMsg>) {
         self.shared.pumped();
-        let stopping = self.draining.is_some() || self.stopped;
+        let stopping = self.stopping();
         let mut settled_here = false;
         while let Ok(a) = self.arrivals.rx.try_recv() {
             settled_here |= self.arrived(a);
@@ -642,8 +642,8 @@ impl<S: Store> WorkQueueState<S> {
         let credits = if stopping { 0 } else { self.credits() };
         let mut writes = std::pin::pin!(write_all(self.store.clone(), writes));
         let mut recorded = None;
+        let (store, queues) = (self.store.clone(), self.queues.clone());
         let (claimed, more) = {
-            let (store, queues) = (self.store.clone(), self.queues.clone());
             let (max_batch, lease) = (self.cfg.max_batch, self.cfg.lease());
             let claim = claim_for(&store, &queues, self.next_queue, credits, max_batch, lease);
             tokio::pin!(claim);
@@ -660,7 +660,6 @@ impl<S: Store> WorkQueueState<S> {
                 }
             }
         };
-        let queues = self.queues.clone();
         for (i, tasks, short) in claimed {
             if short > 0 {
                 self.watch(i, short);
@@ -721,7 +720,7 @@ impl<S: Store> WorkQueueState<S> {
             self.bells[i].notify_one();
             return;
         }
-        if self.waiters[i].is_some() || self.draining.is_some() || self.stopped {
+        if self.waiters[i].is_some() || self.stopping() {
             return;
         }
         let cancel = Arc::new(Notify::new());
@@ -755,7 +754,7 @@ impl<S: Store> WorkQueueState<S> {
         match got {
             Ok(tasks) if !tasks.is_empty() => {
                 let mut finished = self.admit(&self.queues[i].clone(), tasks);
-                if self.draining.is_some() || self.stopped {
+                if self.stopping() {
                     finished |= self.shared.ledger().abandon_parked("shutting down") > 0;
                 }
                 finished
@@ -1064,6 +1063,11 @@ impl<S: Store> WorkQueueState<S> {
         }
     }
 
+    /// Draining or stopped: no more claims, and parked tasks are handed back.
+    fn stopping(&self) -> bool {
+        self.draining.is_some() || self.stopped
+    }
+
     /// Awaits `call`, a call to the store, placing parked tasks in the slots that free
     /// meanwhile, as a round does while it waits.
     async fn meanwhile<T>(&mut self, call: impl Future<Output = T>) -> T {
@@ -1072,7 +1076,7 @@ impl<S: Store> WorkQueueState<S> {
             tokio::select! {
                 biased;
                 out = &mut call => return out,
-                () = self.shared.woken.notified(), if self.draining.is_none() && !self.stopped => {
+                () = self.shared.woken.notified(), if !self.stopping() => {
                     // expiries and tasks no server can take are recorded by the next round
                     if self.place_free() {
                         self.shared.pump();
