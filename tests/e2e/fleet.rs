@@ -492,6 +492,15 @@ async fn a_fleet_woken_by_a_burst_stops_watching_the_event_stream() -> Result<()
     Ok(())
 }
 
+/// One server with 4 slots, and ten seconds of its work claimed ahead: far more than
+/// `max_batch`, which caps it.
+fn claiming_ahead(s: &McpServer, lease_ms: u64, max_batch: usize) -> FleetConfig {
+    let mut cfg = fleet_config(vec![server("s", s, 4)], health(), lease_ms);
+    cfg.dispatch.prefetch_ms = 10_000;
+    cfg.dispatch.max_batch = max_batch;
+    cfg
+}
+
 /// Work claimed ahead (`prefetch_ms`) waits parked for a free slot: no more of it than
 /// `max_batch`, and each task still runs once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,10 +508,7 @@ async fn work_claimed_ahead_is_capped_and_each_task_runs_once() -> Result<()> {
     let redis = RedisServer::start()?;
     let store = redis.store(&[]).await?;
     let s = McpServer::start(Mode::Stateless).await?;
-    let mut cfg = fleet_config(vec![server("s", &s, 4)], health(), 10_000);
-    // ten seconds of work is far more than the cap
-    cfg.dispatch.prefetch_ms = 10_000;
-    cfg.dispatch.max_batch = 16;
+    let cfg = claiming_ahead(&s, 10_000, 16);
     let fleet = Fleet::start(store.clone(), cfg).await?;
     let tasks: Vec<NewTask> = (0..400).map(|_| slow(5, true)).collect();
     let ids = enqueue(&store, &tasks).await?;
@@ -534,9 +540,7 @@ async fn slots_freed_while_the_store_stalls_take_the_work_claimed_ahead() -> Res
     let redis = RedisServer::start()?;
     let store = redis.store(&[]).await?;
     let s = McpServer::start(Mode::Stateless).await?;
-    let mut cfg = fleet_config(vec![server("s", &s, 4)], health(), 30_000);
-    cfg.dispatch.prefetch_ms = 10_000;
-    cfg.dispatch.max_batch = 32;
+    let mut cfg = claiming_ahead(&s, 30_000, 32);
     // parked tasks wait out the stall rather than go back to the store
     cfg.dispatch.wait_ms = 10_000;
     let fleet = Fleet::start(store.clone(), cfg).await?;
