@@ -823,8 +823,7 @@ impl<S: Store> WorkQueueState<S> {
         let servers = self.shared.servers();
         let mut ledger = self.shared.ledger();
         self.shared.placing(ledger.sent());
-        let ids = ledger.parked_ids();
-        if ids.is_empty() {
+        if ledger.parked() == 0 {
             return false;
         }
         let mut finished = false;
@@ -852,6 +851,8 @@ impl<S: Store> WorkQueueState<S> {
         if only_free && free == 0 {
             return false;
         }
+        // copied only once a slot is free: a refill that finds none skips it
+        let ids = ledger.parked_ids();
         let now = Instant::now();
         self.avoid.retain(|_, (_, at, _)| now.duration_since(*at) < Duration::from_secs(60));
         let now_ms = now_ms();
