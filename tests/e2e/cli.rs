@@ -221,6 +221,21 @@ async fn serve_refuses_bad_configuration_naming_the_key_or_line() -> Result<()> 
     Ok(())
 }
 
+/// A benchmark of a Redis store without a redis-server fails before it measures anything,
+/// saying what to do.
+#[tokio::test]
+async fn bench_without_redis_server_fails_first_naming_the_flag() -> Result<()> {
+    let missing = "/nonexistent/redis-server";
+    for stores in ["redis", "embedded,redis-aof"] {
+        let args = ["bench", "--stores", stores, "--redis-server", missing, "--tasks", "100"];
+        let o = mcpq_within(&args, Duration::from_secs(30)).await?;
+        ensure!(o.code == 1, "{stores}: exit {} {}", o.code, o.stderr);
+        ensure!(o.stderr.contains(missing) && o.stderr.contains("--redis-server"), "{}", o.stderr);
+        ensure!(!o.stderr.contains("bench: ceiling"), "measured before the check: {}", o.stderr);
+    }
+    Ok(())
+}
+
 /// The benchmark's every measure, small: its report is complete and every task of every run
 /// is accounted for (figures are not checked: a debug build under test load says nothing).
 #[tokio::test]

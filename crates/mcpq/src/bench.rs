@@ -270,6 +270,9 @@ async fn measure_all(args: &BenchArgs) -> Result<Report> {
     ks.sort_unstable();
     ks.dedup();
     let widest = ks.last().copied().context("--servers is empty")?;
+    if args.stores.iter().any(|k| matches!(k, StoreKind::Redis | StoreKind::RedisAof)) {
+        RedisProc::check(&args.redis_server).await?;
+    }
     let wants = |m| args.only.contains(&m);
     let timer = Instant::now();
     for &k in &ks {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use mcpq_os::{Stat, threads_named};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -47,6 +47,30 @@ impl RedisSample {
 }
 
 impl RedisProc {
+    /// Fails, naming what to do, unless `bin --version` runs: checked before a benchmark
+    /// starts, so a missing redis-server is reported before minutes of other measures.
+    pub(crate) async fn check(bin: &Path) -> Result<()> {
+        let status = Command::new(bin)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .with_context(|| Self::cannot_start(bin))?;
+        ensure!(status.success(), "{}: `--version` ended with {status}", Self::cannot_start(bin));
+        Ok(())
+    }
+
+    fn cannot_start(bin: &Path) -> String {
+        format!(
+            "cannot start {}: install redis-server (apt-get install -y redis-server), pass \
+             --redis-server PATH, or bench only the embedded store (--stores embedded)",
+            bin.display()
+        )
+    }
+
     /// Starts an empty server with no snapshots; `aof`: append-only file, fsync every second
     /// (what a fleet should run). Retries on another port if the one picked was taken.
     pub(crate) async fn start(bin: &Path, aof: bool) -> Result<Self> {
@@ -77,14 +101,7 @@ impl RedisProc {
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {}: install redis-server (apt-get install -y redis-server), \
-                     pass --redis-server PATH, or bench only the embedded store \
-                     (--stores embedded)",
-                    bin.display()
-                )
-            })?;
+            .with_context(|| Self::cannot_start(bin))?;
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let conn = loop {
